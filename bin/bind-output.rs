@@ -1,0 +1,7 @@
+//! bind-output ID HOST PORT: see man/bind-output.1.
+use fifobind::cli;
+
+fn main() {
+    let args: cli::BindOutput = cli::parse("bind-output");
+    cli::exit("bind-output", fifobind::output::run(args.into()));
+}

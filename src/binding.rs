@@ -1,0 +1,241 @@
+//! What bind-input and bind-output share: the claimed ID, its FIFO, the
+//! daemon's start, and the events that stop it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+
+use crate::args::Id;
+use crate::claim::{Claim, Refused};
+use crate::daemon::{self, Ready};
+use crate::error::{Error, ExitStatus, Result};
+use crate::fifo::Fifo;
+use crate::logging;
+use crate::process::ProcessId;
+use crate::runtime_dir::RuntimeDir;
+use crate::signals::Signals;
+use crate::sweep;
+
+/// A claimed ID with its FIFO.
+pub struct Binding {
+    pub id: Id,
+    pub dir: RuntimeDir,
+    claim: Claim,
+    pub fifo: Fifo,
+}
+
+/// Options every binding command takes.
+#[derive(Clone, Debug, Default)]
+pub struct Common {
+    /// Stay in the foreground: print the PID when ready and keep running.
+    pub foreground: bool,
+    /// A pipe's read end held open by a parent; end-of-file on it means the
+    /// parent died, and the binding closes.
+    pub watchdog_fd: Option<RawFd>,
+}
+
+impl Binding {
+    /// Sweeps the runtime directory, claims `id` and creates its FIFO.
+    pub fn open(id: &Id) -> Result<Binding> {
+        let dir = RuntimeDir::open()?;
+        sweep::sweep(&dir);
+        let claim = match Claim::take(&dir.dotfile(id.as_str(), "lock")) {
+            Ok(claim) => claim,
+            Err(Refused::Held(owner)) => {
+                let by = owner
+                    .map(|o| format!(" by process {}", o.pid))
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ExitStatus::CantCreate,
+                    format!(
+                        "cannot create FIFO {}: ID {id} is in use{by}",
+                        dir.fifo(id).display()
+                    ),
+                ));
+            }
+            Err(Refused::Io(e)) => {
+                return Err(Error::io(
+                    format!("cannot claim ID {id} in {}", dir.path().display()),
+                    &e,
+                ));
+            }
+        };
+        let fifo = match Fifo::create(&dir.fifo(id)) {
+            Ok(fifo) => fifo,
+            Err(e) => {
+                claim.release();
+                return Err(e);
+            }
+        };
+        Ok(Binding {
+            id: id.clone(),
+            dir,
+            claim,
+            fifo,
+        })
+    }
+
+    /// Removes the FIFO and the claim: nothing of the binding is left.
+    pub fn close(self) {
+        self.fifo.remove();
+        self.claim.release();
+    }
+
+    /// Goes to the background (unless `common.foreground`) and runs
+    /// `serve` there with the stop events set up, the claim recorded and
+    /// logging started. `serve` calls [`Ready::notify`] once it works.
+    pub fn run<F>(mut self, program: &'static str, common: &Common, serve: F) -> Result<()>
+    where
+        F: FnOnce(&mut Binding, &Stop, &mut Ready) -> Result<()>,
+    {
+        let watchdog = match common.watchdog_fd {
+            Some(fd) => match adopt_fd(fd) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    self.close();
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let log_path = self.dir.dotfile(self.id.as_str(), "log");
+        daemon::detach(common.foreground, move |ready| {
+            if common.foreground {
+                logging::to_stderr(program);
+            } else {
+                logging::to_file(program, &log_path)?;
+            }
+            let result = (|| {
+                self.claim
+                    .record(ProcessId::current())
+                    .map_err(|e| Error::io("cannot record the claim", &e))?;
+                let stop = Stop {
+                    signals: Signals::block(false)?,
+                    watchdog,
+                };
+                serve(&mut self, &stop, ready)
+            })();
+            self.close();
+            result
+        })
+    }
+}
+
+/// Takes over a descriptor passed on the command line, so no child of
+/// ours inherits it.
+fn adopt_fd(fd: RawFd) -> Result<OwnedFd> {
+    let bad = |e: nix::Error| {
+        Error::usage(format!(
+            "--watchdog-fd {fd}: not an open descriptor ({})",
+            e.desc()
+        ))
+    };
+    if fd <= 2 {
+        return Err(Error::usage(format!(
+            "--watchdog-fd {fd}: not a pipe of its own"
+        )));
+    }
+    // SAFETY: only borrowed for this check; ownership is taken below.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(bad)?;
+    // SAFETY: the descriptor is open (fcntl succeeded) and nobody else in
+    // this process owns it: it was inherited for exactly this purpose.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The events that stop a binding: a signal, or its parent's death.
+pub struct Stop {
+    pub signals: Signals,
+    pub watchdog: Option<OwnedFd>,
+}
+
+/// Why a binding stops.
+#[derive(Debug)]
+pub enum Reason {
+    Signal(nix::sys::signal::Signal),
+    ParentGone,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Signal(sig) => write!(f, "{sig}"),
+            Reason::ParentGone => f.write_str("its parent (pool or master) is gone"),
+        }
+    }
+}
+
+/// A set of descriptors to poll, rebuilt each round.
+#[derive(Default)]
+pub struct PollSet {
+    fds: Vec<libc::pollfd>,
+}
+
+pub const IN: i16 = libc::POLLIN;
+pub const OUT: i16 = libc::POLLOUT;
+/// Error, hang-up or invalid: reported whatever was asked.
+pub const TROUBLE: i16 = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+
+impl PollSet {
+    pub fn clear(&mut self) {
+        self.fds.clear();
+    }
+
+    /// Adds `fd`; returns its slot for [`PollSet::revents`].
+    pub fn add(&mut self, fd: BorrowedFd<'_>, events: i16) -> usize {
+        self.fds.push(libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        });
+        self.fds.len() - 1
+    }
+
+    /// Waits for events, at most `timeout` (forever when `None`).
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let ms = match timeout {
+            // Round up, so a deadline is not missed by a millisecond spin.
+            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+            None => -1,
+        };
+        // SAFETY: the pointer and length describe our own vector.
+        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn revents(&self, slot: usize) -> i16 {
+        self.fds[slot].revents
+    }
+}
+
+impl Stop {
+    /// Adds the stop events to `set`; pass the result to [`Stop::check`].
+    pub fn register(&self, set: &mut PollSet) -> (usize, Option<usize>) {
+        let sig = set.add(self.signals.as_fd(), IN);
+        let dog = self.watchdog.as_ref().map(|w| set.add(w.as_fd(), IN));
+        (sig, dog)
+    }
+
+    pub fn check(&self, set: &PollSet, slots: (usize, Option<usize>)) -> Option<Reason> {
+        if set.revents(slots.0) != 0
+            && let Some(sig) = self.signals.next()
+        {
+            return Some(Reason::Signal(sig));
+        }
+        // The watchdog never carries data: any event is end-of-file.
+        if let Some(dog) = slots.1
+            && set.revents(dog) != 0
+        {
+            return Some(Reason::ParentGone);
+        }
+        None
+    }
+}

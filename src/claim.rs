@@ -1,0 +1,137 @@
+//! Claims: who owns a name in the runtime directory.
+//!
+//! An owner (a binding, a pool, a master) holds an exclusive `flock` on a
+//! dot-file `.NAME.lock` for as long as it lives, and writes its
+//! `PID START` into it. The kernel drops the lock when the owner dies, even
+//! by SIGKILL, so "is the lock free?" is an exact staleness test that no
+//! reused PID can fool; the recorded identity is only for messages and for
+//! signalling the owner.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::process::ProcessId;
+
+/// A held claim. Dropping it releases the lock but leaves the file;
+/// [`Claim::release`] removes it first.
+pub struct Claim {
+    path: PathBuf,
+    lock: Flock<File>,
+}
+
+/// Why a claim was not granted.
+pub enum Refused {
+    /// Somebody holds it: the recorded owner, if one is written yet.
+    Held(Option<ProcessId>),
+    Io(io::Error),
+}
+
+/// A sweeper holds a stale claim for microseconds; a claimant that finds
+/// the lock busy retries this long before calling the name "in use".
+const BUSY_RETRY: Duration = Duration::from_millis(200);
+
+impl Claim {
+    /// Takes the claim at `path` without waiting for a live owner.
+    pub fn take(path: &Path) -> Result<Claim, Refused> {
+        let deadline = Instant::now() + BUSY_RETRY;
+        loop {
+            match Claim::take_now(path) {
+                Err(Refused::Held(owner))
+                    if Instant::now() < deadline && !owner.is_some_and(|o| o.is_alive()) =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the claim at `path` if it is free this instant.
+    pub fn take_now(path: &Path) -> Result<Claim, Refused> {
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(Refused::Io)?;
+            let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(Refused::Held(read_owner(&mut file)));
+                }
+                Err((_, errno)) => return Err(Refused::Io(errno.into())),
+            };
+            // The previous owner may have unlinked the file between our
+            // open and our lock: then we locked a ghost. Try again.
+            let held = lock.metadata().map_err(Refused::Io)?;
+            match fs::symlink_metadata(path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                    return Ok(Claim {
+                        path: path.to_path_buf(),
+                        lock,
+                    });
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Refused::Io(e)),
+            }
+        }
+    }
+
+    /// Records `owner` as the holder (after a fork the holder changes).
+    pub fn record(&mut self, owner: ProcessId) -> io::Result<()> {
+        let file: &mut File = &mut self.lock;
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(format!("{owner}\n").as_bytes())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the claim file, then lets the lock go.
+    pub fn release(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn read_owner(file: &mut File) -> Option<ProcessId> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// The recorded owner of a claim file, if it can be read.
+pub fn owner(path: &Path) -> Option<ProcessId> {
+    read_owner(&mut File::open(path).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_claim_is_refused_until_released() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(".x.lock");
+        let mut first = Claim::take(&path).ok().unwrap();
+        first.record(ProcessId::current()).unwrap();
+        match Claim::take(&path) {
+            Err(Refused::Held(Some(owner))) => assert_eq!(owner, ProcessId::current()),
+            _ => panic!("a held claim was granted twice"),
+        }
+        first.release();
+        assert!(!path.exists());
+        assert!(Claim::take(&path).is_ok());
+    }
+}

@@ -1,0 +1,178 @@
+//! Command lines: the clap definitions of the four commands, and the
+//! shared way a main turns a parse error or a result into an exit status.
+//!
+//! The `///` comment on each field is its `--help` text; the man pages in
+//! `man/` say the same at length (a test checks every option is there).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::args::{Host, Id, Port};
+use crate::binding::Common;
+use crate::error::{ExitStatus, Result};
+use crate::input::InputOptions;
+use crate::output::OutputOptions;
+
+/// Parses the command line; a bad one is one line on stderr and exit 2,
+/// `--help` and `--version` print to stdout and exit 0.
+pub fn parse<T: Parser>(program: &str) -> T {
+    match T::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind as K;
+            if matches!(err.kind(), K::DisplayHelp | K::DisplayVersion) {
+                let _ = err.print();
+                std::process::exit(0);
+            }
+            eprintln!("{program}: {} (see '{program} --help')", one_line(&err));
+            std::process::exit(ExitStatus::Usage.code());
+        }
+    }
+}
+
+/// clap's message without its usage block, on one line.
+fn one_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let first_block = text.split("\n\n").next().unwrap_or("");
+    let joined: Vec<&str> = first_block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = joined.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
+}
+
+/// Ends the process with `result`'s status, printing an error once.
+pub fn exit(program: &str, result: Result<()>) -> ! {
+    match result {
+        Ok(()) => {
+            let _ = std::io::stdout().flush();
+            std::process::exit(0)
+        }
+        Err(err) => {
+            eprintln!("{program}: {err}");
+            std::process::exit(err.status.code())
+        }
+    }
+}
+
+fn seconds(s: &str) -> std::result::Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 && n <= 86400.0 => Ok(Duration::from_secs_f64(n)),
+        _ => Err("a duration is a number of seconds, more than 0 and at most 86400".into()),
+    }
+}
+
+/// Options shared by the two binding commands.
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Stay in the foreground: print the PID once ready, keep running, log
+    /// to stderr (for supervisors such as systemd, a pool or a master)
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+
+    /// Close properly when this inherited descriptor (a pipe's read end)
+    /// reaches end-of-file, i.e. when the process holding its write end dies
+    #[arg(long, value_name = "FD")]
+    pub watchdog_fd: Option<RawFd>,
+}
+
+impl From<CommonArgs> for Common {
+    fn from(a: CommonArgs) -> Common {
+        Common {
+            foreground: a.foreground,
+            watchdog_fd: a.watchdog_fd,
+        }
+    }
+}
+
+/// Listen on a TCP port; what arrives is readable, line by line, from the
+/// named pipe <runtime dir>/ID. Prints the PID of the background binding.
+#[derive(Parser, Debug)]
+#[command(name = "bind-input", version)]
+pub struct BindInput {
+    /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
+    #[arg(value_name = "ID")]
+    pub id: Id,
+
+    /// The TCP port to listen on, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub port: Port,
+
+    /// Listen on this local address only (default: every address, IPv4 and
+    /// IPv6)
+    #[arg(short, long, value_name = "ADDR")]
+    pub bind: Option<IpAddr>,
+
+    /// Serve a single connection; once it has ended and the FIFO has been
+    /// read empty, remove the FIFO and exit
+    #[arg(long)]
+    pub once: bool,
+
+    /// Accept connections from this address only; others are closed at once
+    #[arg(long, value_name = "ADDR")]
+    pub allow: Option<IpAddr>,
+
+    /// With --once: exit (status 75) if nobody connected within SECS seconds
+    #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
+    pub accept_timeout: Option<Duration>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl From<BindInput> for InputOptions {
+    fn from(a: BindInput) -> InputOptions {
+        InputOptions {
+            id: a.id,
+            port: a.port,
+            bind: a.bind,
+            once: a.once,
+            allow: a.allow,
+            accept_timeout: a.accept_timeout,
+            common: a.common.into(),
+        }
+    }
+}
+
+/// Connect to HOST:PORT; whatever is written into the named pipe
+/// <runtime dir>/ID is sent there. Prints the PID of the background binding.
+#[derive(Parser, Debug)]
+#[command(name = "bind-output", version)]
+pub struct BindOutput {
+    /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
+    #[arg(value_name = "ID")]
+    pub id: Id,
+
+    /// The host to connect to: a name, an IPv4 or an IPv6 address
+    #[arg(value_name = "HOST")]
+    pub host: Host,
+
+    /// The remote TCP port, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub port: Port,
+
+    /// Give up connecting after SECS seconds (status 75)
+    #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    pub connect_timeout: Duration,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+impl From<BindOutput> for OutputOptions {
+    fn from(a: BindOutput) -> OutputOptions {
+        OutputOptions {
+            id: a.id,
+            host: a.host,
+            port: a.port,
+            connect_timeout: a.connect_timeout,
+            common: a.common.into(),
+        }
+    }
+}

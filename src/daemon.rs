@@ -1,0 +1,155 @@
+//! Going to the background, and telling the foreground when we are ready.
+//!
+//! `pid=$(bind-input in1 9999)` must be race-free: the command may return
+//! only once the binding works. The `daemonize` crate's parent learns
+//! nothing of the daemon, so a pipe is passed through the double fork,
+//! s6-style: the daemon writes `OK PID` once ready, or `ERR STATUS
+//! MESSAGE` if it failed, and the foreground prints the PID or the error
+//! and exits with the matching status. If the daemon dies without a word,
+//! end-of-file on the pipe says so.
+//!
+//! In `--foreground` mode (how a pool or master runs its bindings) the same
+//! readiness line, the PID, is printed on stdout and stdout is then closed,
+//! so a parent reading it learns both readiness and PID.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::error::{Error, ExitStatus, Result};
+
+/// The daemon's side of the readiness pipe.
+pub struct Ready {
+    pipe: Option<File>,
+    foreground: bool,
+}
+
+impl Ready {
+    /// Tells the foreground the binding is ready, and gives it our PID.
+    pub fn notify(&mut self) {
+        let pid = std::process::id();
+        if self.foreground {
+            let mut out = io::stdout().lock();
+            let _ = writeln!(out, "{pid}");
+            let _ = out.flush();
+            drop(out);
+            redirect_to_null(libc::STDOUT_FILENO);
+            self.foreground = false;
+        } else if let Some(mut pipe) = self.pipe.take() {
+            let _ = writeln!(pipe, "OK {pid}");
+        }
+    }
+
+    /// Whether the foreground is still waiting for a word from us.
+    pub fn pending(&self) -> bool {
+        self.pipe.is_some() || self.foreground
+    }
+
+    /// Reports a failure that came before readiness to the foreground.
+    /// Returns false when nobody listens for it any more (log it instead).
+    fn fail(&mut self, err: &Error) -> bool {
+        match self.pipe.take() {
+            Some(mut pipe) => {
+                let message = err.message.replace('\n', " ");
+                let _ = writeln!(pipe, "ERR {} {message}", err.status.code());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn redirect_to_null(fd: i32) {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        // SAFETY: dup2 onto a standard descriptor number, which stays open.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+}
+
+/// Runs `work` in the background (or in this process when `foreground`),
+/// handing it a [`Ready`] to notify. Everything `work` needs that can fail
+/// in an expected way (claims, sockets, FIFOs) should be set up before, so
+/// the error reaches the user through the normal path with nothing to undo
+/// in another process.
+///
+/// Returns in the foreground process only: `Ok` once the daemon is ready
+/// (its PID printed), or the daemon's error. The daemon itself never
+/// returns from here: it exits with `work`'s status.
+pub fn detach<F>(foreground: bool, work: F) -> Result<()>
+where
+    F: FnOnce(&mut Ready) -> Result<()>,
+{
+    if foreground {
+        let mut ready = Ready {
+            pipe: None,
+            foreground: true,
+        };
+        return work(&mut ready);
+    }
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let outcome = daemonize::Daemonize::new()
+        .working_directory("/")
+        .umask(0o077)
+        .execute();
+    match outcome {
+        daemonize::Outcome::Parent(Ok(_)) => {
+            // What `work` owns now belongs to the daemon; dropping it here
+            // would undo shared state (an flock is per open file, and its
+            // Drop unlocks it for the daemon too).
+            std::mem::forget(work);
+            drop(write_end);
+            wait_ready(read_end)
+        }
+        daemonize::Outcome::Parent(Err(e)) => Err(Error::new(
+            ExitStatus::OsErr,
+            format!("cannot go to the background: {e}"),
+        )),
+        daemonize::Outcome::Child(result) => {
+            drop(read_end);
+            let mut ready = Ready {
+                pipe: Some(File::from(write_end)),
+                foreground: false,
+            };
+            let status = match result {
+                Err(e) => {
+                    let err = Error::new(ExitStatus::OsErr, format!("cannot daemonize: {e}"));
+                    ready.fail(&err);
+                    err.status
+                }
+                Ok(_) => match work(&mut ready) {
+                    Ok(()) => ExitStatus::Success,
+                    Err(err) => {
+                        if !ready.fail(&err) {
+                            log::error!("{err}");
+                        }
+                        err.status
+                    }
+                },
+            };
+            log::logger().flush();
+            std::process::exit(status.code());
+        }
+    }
+}
+
+fn wait_ready(read_end: OwnedFd) -> Result<()> {
+    let mut text = String::new();
+    let _ = File::from(read_end).read_to_string(&mut text);
+    let line = text.lines().next().unwrap_or("");
+    if let Some(pid) = line.strip_prefix("OK ") {
+        let mut out = io::stdout().lock();
+        // A closed stdout is the caller's business; the binding runs.
+        let _ = writeln!(out, "{pid}");
+        let _ = out.flush();
+        return Ok(());
+    }
+    if let Some(rest) = line.strip_prefix("ERR ") {
+        let (code, message) = rest.split_once(' ').unwrap_or((rest, "failed"));
+        let status = ExitStatus::from_code(code.parse().unwrap_or(70));
+        return Err(Error::new(status, message.to_string()));
+    }
+    Err(Error::new(
+        ExitStatus::Software,
+        "the background process died before it was ready (see its log)",
+    ))
+}

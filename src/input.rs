@@ -1,0 +1,348 @@
+//! bind-input: TCP connections in, whole lines out into a FIFO.
+//!
+//! One thread, one poll loop. Each connection has a fixed buffer; a
+//! connection's bytes are written into the FIFO only up to its last
+//! newline, so a reader never meets half a line, and only one connection
+//! at a time may be in the middle of a line in the FIFO, so lines of
+//! concurrent connections never interleave. When the FIFO is full, the
+//! binding stops reading the sockets whose buffers are full and TCP flow
+//! control holds the senders back: memory stays bounded by
+//! `MAX_CONNECTIONS × LINE_BUFFER`.
+
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use crate::args::{Id, Port};
+use crate::binding::{Binding, Common, IN, OUT, PollSet, Stop, TROUBLE};
+use crate::error::{Error, ExitStatus, Result};
+use crate::net;
+
+/// A connection's buffer, and so the longest line delivered with a single
+/// write(2). A longer line is passed on in pieces as it arrives, still
+/// intact and never interleaved with other lines.
+pub const LINE_BUFFER: usize = 128 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How often a finished `--once` binding looks whether its FIFO is empty.
+const DRAIN_CHECK: Duration = Duration::from_millis(20);
+
+pub struct InputOptions {
+    pub id: Id,
+    pub port: Port,
+    /// Listen on this address only.
+    pub bind: Option<IpAddr>,
+    /// Serve one connection; end once it ended and the FIFO was read empty.
+    pub once: bool,
+    /// Accept connections from this address only.
+    pub allow: Option<IpAddr>,
+    /// With `once`: give up if nobody connected within this time.
+    pub accept_timeout: Option<Duration>,
+    pub common: Common,
+}
+
+pub fn run(opts: InputOptions) -> Result<()> {
+    let binding = Binding::open(&opts.id)?;
+    let listener = match net::listen(opts.bind, opts.port) {
+        Ok(l) => l,
+        Err(e) => {
+            binding.close();
+            return Err(e);
+        }
+    };
+    let common = opts.common.clone();
+    binding.run("bind-input", &common, move |binding, stop, ready| {
+        log::info!(
+            "{} listening on port {}, FIFO {}",
+            binding.id,
+            opts.port,
+            binding.fifo.path().display()
+        );
+        ready.notify();
+        let mut relay = Relay {
+            binding,
+            listener: Some(listener),
+            conns: Vec::new(),
+            owner: None,
+            next: 0,
+            next_token: 0,
+            fifo_blocked: false,
+            served: false,
+            opts: &opts,
+        };
+        relay.serve(stop)
+    })
+}
+
+struct Conn {
+    token: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// The last byte this connection put into the FIFO was not a newline:
+    /// it owns the FIFO until it finishes the line.
+    mid_line: bool,
+}
+
+impl Conn {
+    fn new(token: u64, stream: TcpStream, peer: SocketAddr) -> Conn {
+        Conn {
+            token,
+            stream,
+            peer,
+            // One byte more than the buffer, for the newline that completes
+            // a last line at end of stream.
+            buf: vec![0; LINE_BUFFER + 1].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+            mid_line: false,
+        }
+    }
+
+    fn wants_input(&self) -> bool {
+        !self.eof && (self.end < LINE_BUFFER || self.start > 0)
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        if self.end == LINE_BUFFER && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        self.stream
+            .read(&mut self.buf[self.end..LINE_BUFFER])
+            .inspect(|&n| self.end += n)
+    }
+
+    /// What may go into the FIFO now.
+    fn writable(&mut self) -> &[u8] {
+        let pending = self.end - self.start;
+        if pending == 0 {
+            return &[];
+        }
+        let len = match memchr::memrchr(b'\n', &self.buf[self.start..self.end]) {
+            Some(i) => i + 1,
+            None if self.eof => {
+                self.buf[self.end] = b'\n';
+                self.end += 1;
+                pending + 1
+            }
+            None if self.mid_line || pending == LINE_BUFFER => pending,
+            None => 0,
+        };
+        &self.buf[self.start..self.start + len]
+    }
+
+    fn consumed(&mut self, n: usize) {
+        self.mid_line = self.buf[self.start + n - 1] != b'\n';
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.eof && self.start == self.end
+    }
+}
+
+struct Relay<'a> {
+    binding: &'a mut Binding,
+    listener: Option<TcpListener>,
+    conns: Vec<Conn>,
+    owner: Option<u64>,
+    next: usize,
+    next_token: u64,
+    fifo_blocked: bool,
+    served: bool,
+    opts: &'a InputOptions,
+}
+
+impl Relay<'_> {
+    fn serve(&mut self, stop: &Stop) -> Result<()> {
+        let started = Instant::now();
+        let mut set = PollSet::default();
+        loop {
+            if !self.fifo_blocked {
+                self.write_pending()?;
+            }
+            self.conns.retain(|c| {
+                if c.finished() {
+                    log::info!("connection from {} ended", c.peer);
+                }
+                !c.finished()
+            });
+            let mut timeout = None;
+            if self.opts.once {
+                if self.served && self.conns.is_empty() {
+                    if self.binding.fifo.unread() == 0 {
+                        log::info!("stream ended and FIFO read empty: closing");
+                        return Ok(());
+                    }
+                    timeout = Some(DRAIN_CHECK);
+                } else if !self.served
+                    && let Some(limit) = self.opts.accept_timeout
+                {
+                    let left = limit.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        return Err(Error::new(
+                            ExitStatus::TempFail,
+                            format!("nobody connected within {} s: giving up", limit.as_secs()),
+                        ));
+                    }
+                    timeout = Some(left);
+                }
+            }
+
+            set.clear();
+            let stop_slots = stop.register(&mut set);
+            let listen_slot = match &self.listener {
+                Some(l) if self.conns.len() < MAX_CONNECTIONS => Some(set.add(l.as_fd(), IN)),
+                _ => None,
+            };
+            let fifo_slot = self
+                .fifo_blocked
+                .then(|| set.add(self.binding.fifo.as_fd(), OUT));
+            let mut conn_slots = Vec::with_capacity(self.conns.len());
+            for conn in &self.conns {
+                conn_slots.push(conn.wants_input().then(|| set.add(conn.stream.as_fd(), IN)));
+            }
+            set.wait(timeout)
+                .map_err(|e| Error::io("cannot wait for events", &e))?;
+
+            if let Some(reason) = stop.check(&set, stop_slots) {
+                log::info!("stopping: {reason}");
+                return Ok(());
+            }
+            if let Some(slot) = fifo_slot
+                && set.revents(slot) != 0
+            {
+                self.fifo_blocked = false;
+            }
+            for (conn, slot) in self.conns.iter_mut().zip(conn_slots) {
+                if let Some(slot) = slot
+                    && set.revents(slot) & (IN | TROUBLE) != 0
+                {
+                    match conn.fill() {
+                        Ok(0) => conn.eof = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            log::warn!(
+                                "connection from {}: {}",
+                                conn.peer,
+                                crate::error::describe_io(&e)
+                            );
+                            conn.eof = true;
+                        }
+                    }
+                }
+            }
+            if let Some(slot) = listen_slot
+                && set.revents(slot) != 0
+            {
+                self.accept();
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        while self.conns.len() < MAX_CONNECTIONS {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE and friends: drop this round, try again later.
+                    log::warn!("cannot accept: {}", crate::error::describe_io(&e));
+                    return;
+                }
+            };
+            let from = net::canonical(peer.ip());
+            if let Some(allowed) = self.opts.allow
+                && net::canonical(allowed) != from
+            {
+                log::warn!("refused connection from {peer}: only {allowed} may connect");
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            log::info!("connection from {peer}");
+            self.conns.push(Conn::new(self.next_token, stream, peer));
+            self.next_token += 1;
+            if self.opts.once {
+                // One connection only: the port is free again at once.
+                self.served = true;
+                self.listener = None;
+            }
+        }
+    }
+
+    /// Writes whatever complete lines the connections hold, one connection
+    /// at a time, until the FIFO is full or nothing is left.
+    fn write_pending(&mut self) -> Result<()> {
+        let capacity = self.binding.fifo.capacity();
+        loop {
+            let Some(idx) = self.pick() else {
+                return Ok(());
+            };
+            let room = capacity.saturating_sub(self.binding.fifo.unread());
+            let conn = &mut self.conns[idx];
+            let chunk = conn.writable();
+            // Where the FIFO cannot take it all, stop at a line's end.
+            let chunk = if chunk.len() > room {
+                match memchr::memrchr(b'\n', &chunk[..room]) {
+                    Some(i) => &chunk[..=i],
+                    None => chunk,
+                }
+            } else {
+                chunk
+            };
+            match nix::unistd::write(self.binding.fifo.file(), chunk) {
+                Ok(n) => {
+                    conn.consumed(n);
+                    self.owner = conn.mid_line.then_some(conn.token);
+                    self.next = idx + 1;
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.fifo_blocked = true;
+                    return Ok(());
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "cannot write into FIFO {}",
+                            self.binding.fifo.path().display()
+                        ),
+                        &e.into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The connection whose turn it is to write, if any has something.
+    fn pick(&mut self) -> Option<usize> {
+        if let Some(token) = self.owner {
+            match self.conns.iter().position(|c| c.token == token) {
+                Some(idx) => return (!self.conns[idx].writable().is_empty()).then_some(idx),
+                None => self.owner = None,
+            }
+        }
+        let n = self.conns.len();
+        (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|&i| !self.conns[i].writable().is_empty())
+    }
+}

@@ -1,0 +1,21 @@
+//! fifobind: join TCP sockets to named pipes, for shell scripts.
+//!
+//! The four commands in `bin/` are thin mains over this library; each
+//! module below owns one concern.
+
+pub mod args;
+pub mod binding;
+pub mod claim;
+pub mod cli;
+pub mod daemon;
+pub mod error;
+pub mod fifo;
+pub mod input;
+pub mod logging;
+pub mod net;
+pub mod output;
+pub mod process;
+pub mod registry;
+pub mod runtime_dir;
+pub mod signals;
+pub mod sweep;

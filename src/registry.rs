@@ -1,0 +1,178 @@
+//! The PID registry of a pool or master: every process it started.
+//!
+//! A pool or master records each binding and daemon it starts, by PID and
+//! start time, in `<runtime dir>/.NAME.registry`, rewritten atomically on
+//! every change. It stops them through the registry on a signal; and when
+//! it died by SIGKILL, the next command to sweep the runtime directory
+//! finds the registry of a dead owner and stops whatever it still names.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::process::ProcessId;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A bind-input or bind-output: SIGTERM closes it properly.
+    Binding,
+    /// A master's daemon, leader of its own process group: the whole group
+    /// is signalled.
+    Daemon,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    pub process: ProcessId,
+    pub name: String,
+}
+
+impl Entry {
+    fn line(&self) -> String {
+        let kind = match self.kind {
+            Kind::Binding => "binding",
+            Kind::Daemon => "daemon",
+        };
+        format!("{kind} {} {}\n", self.process, self.name)
+    }
+
+    fn parse(line: &str) -> Option<Entry> {
+        let mut words = line.split_whitespace();
+        let kind = match words.next()? {
+            "binding" => Kind::Binding,
+            "daemon" => Kind::Daemon,
+            _ => return None,
+        };
+        let pid = words.next()?;
+        let start = words.next()?;
+        let process = format!("{pid} {start}").parse().ok()?;
+        let name = words.next().unwrap_or("").to_string();
+        Some(Entry {
+            kind,
+            process,
+            name,
+        })
+    }
+
+    /// Asks the process (or the daemon's whole group) to stop.
+    pub fn signal(&self, sig: Signal) -> bool {
+        match self.kind {
+            Kind::Binding => self.process.signal(sig),
+            Kind::Daemon => self.process.signal_group(sig),
+        }
+    }
+}
+
+pub struct Registry {
+    path: PathBuf,
+    entries: Vec<Entry>,
+}
+
+impl Registry {
+    /// A new, empty registry at `path` (the caller holds the claim on it).
+    pub fn create(path: &Path) -> io::Result<Registry> {
+        let registry = Registry {
+            path: path.to_path_buf(),
+            entries: Vec::new(),
+        };
+        registry.save()?;
+        Ok(registry)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn add(&mut self, entry: Entry) -> io::Result<()> {
+        self.entries.push(entry);
+        self.save()
+    }
+
+    pub fn remove(&mut self, pid: i32) -> io::Result<()> {
+        self.entries.retain(|e| e.process.pid != pid);
+        self.save()
+    }
+
+    /// Writes a temporary file and renames it, so a reader (a sweeper)
+    /// never sees half a registry.
+    fn save(&self) -> io::Result<()> {
+        let tmp = self.path.with_extension("registry-new");
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        let text: String = self.entries.iter().map(Entry::line).collect();
+        file.write_all(text.as_bytes())?;
+        fs::rename(&tmp, &self.path)
+    }
+
+    pub fn delete(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Reads a registry file; unreadable lines are skipped.
+pub fn load(path: &Path) -> Vec<Entry> {
+    fs::read_to_string(path)
+        .map(|text| text.lines().filter_map(Entry::parse).collect())
+        .unwrap_or_default()
+}
+
+/// Stops every process in `entries` that still runs: SIGTERM, then
+/// SIGKILL for whatever is left after `grace`.
+pub fn stop_all(entries: &[Entry], grace: Duration) {
+    for entry in entries {
+        entry.signal(Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while entries.iter().any(|e| e.process.is_alive()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for entry in entries {
+        if entry.signal(Signal::SIGKILL) {
+            log::warn!(
+                "{} {} did not stop in time: killed",
+                entry.name,
+                entry.process.pid
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(".pool-1.registry");
+        let mut reg = Registry::create(&path).unwrap();
+        let me = ProcessId::current();
+        reg.add(Entry {
+            kind: Kind::Daemon,
+            process: me,
+            name: "dem1".into(),
+        })
+        .unwrap();
+        reg.add(Entry {
+            kind: Kind::Binding,
+            process: ProcessId { pid: 1, start: 7 },
+            name: "dem1".into(),
+        })
+        .unwrap();
+        assert_eq!(load(&path), reg.entries());
+        reg.remove(me.pid).unwrap();
+        assert_eq!(load(&path).len(), 1);
+        reg.delete();
+        assert!(load(&path).is_empty());
+    }
+}

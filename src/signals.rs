@@ -1,0 +1,58 @@
+//! Signals as events: SIGINT, SIGHUP and SIGTERM read from a signalfd.
+//!
+//! Shutdown work (flushing, unlinking, stopping children) must not run in
+//! a signal handler, so the signals are blocked and read from a descriptor
+//! that sits in each command's poll loop beside its sockets. The same
+//! descriptor reports SIGCHLD for the commands that supervise children,
+//! and it says *which* signal arrived, which the pool and master need for
+//! their `128 + N` exit status. (The `ctrlc` crate runs a handler on a
+//! thread of its own and cannot tell the signals apart.)
+//!
+//! Blocking must happen before any thread is spawned, so that every thread
+//! inherits the mask; children get a clean mask back from
+//! `std::process::Command`, which resets it before exec.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::error::Result;
+
+/// The signals that close a command properly.
+pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
+
+pub struct Signals {
+    fd: SignalFd,
+}
+
+impl Signals {
+    /// Blocks the stop signals (and SIGCHLD when `children`) and returns
+    /// the descriptor they are read from.
+    pub fn block(children: bool) -> Result<Signals> {
+        let mut set = SigSet::empty();
+        for sig in STOP {
+            set.add(sig);
+        }
+        if children {
+            set.add(Signal::SIGCHLD);
+        }
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Signals { fd })
+    }
+
+    /// The next pending signal, if any.
+    pub fn next(&self) -> Option<Signal> {
+        match self.fd.read_signal() {
+            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
+            _ => None,
+        }
+    }
+}
+
+impl AsFd for Signals {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
