@@ -1,0 +1,6 @@
+//! The integration tests: the real binaries, real sockets, FIFOs and bash.
+
+mod util;
+
+mod bind_input;
+mod bind_output;
