@@ -11,11 +11,15 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::args::{Host, Id, Port};
+use std::path::PathBuf;
+
+use crate::args::{Host, Id, Key, Port};
 use crate::binding::Common;
-use crate::error::{ExitStatus, Result};
+use crate::error::{Error, ExitStatus, Result};
 use crate::input::InputOptions;
+use crate::master::MasterOptions;
 use crate::output::OutputOptions;
+use crate::pool::PoolOptions;
 
 /// Parses the command line; a bad one is one line on stderr and exit 2,
 /// `--help` and `--version` print to stdout and exit 0.
@@ -55,7 +59,10 @@ pub fn exit(program: &str, result: Result<()>) -> ! {
             std::process::exit(0)
         }
         Err(err) => {
-            eprintln!("{program}: {err}");
+            // A stop by signal was logged already; it is not an error.
+            if !err.message.is_empty() {
+                eprintln!("{program}: {err}");
+            }
             std::process::exit(err.status.code())
         }
     }
@@ -174,5 +181,143 @@ impl From<BindOutput> for OutputOptions {
             connect_timeout: a.connect_timeout,
             common: a.common.into(),
         }
+    }
+}
+
+/// The environment variable a KEY of `-` is read from.
+pub const ENV_KEY: &str = "FIFOBIND_KEY";
+
+/// Options for the shared key, common to pool and master.
+#[derive(clap::Args, Debug)]
+pub struct KeyArgs {
+    /// The shared key. `-` takes it from --key-file, else from the
+    /// FIFOBIND_KEY environment variable, so that it never shows in the
+    /// process list
+    #[arg(value_name = "KEY")]
+    pub key: String,
+
+    /// With KEY `-`: read the key from FILE (its first line)
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Seconds allowed for each step of the protocol exchange
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    pub timeout: Duration,
+}
+
+impl KeyArgs {
+    /// The key, from where the arguments say it is.
+    pub fn resolve(&self) -> Result<Key> {
+        let bytes = match (self.key.as_str(), &self.key_file) {
+            ("-", Some(file)) => {
+                let text = std::fs::read(file).map_err(|e| {
+                    Error::io(format!("cannot read key file {}", file.display()), &e)
+                })?;
+                let line = text.split(|&b| b == b'\n').next().unwrap_or(&[]);
+                line.strip_suffix(b"\r").unwrap_or(line).to_vec()
+            }
+            ("-", None) => match std::env::var_os(ENV_KEY) {
+                Some(v) => std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec(),
+                None => {
+                    return Err(Error::usage(format!(
+                        "KEY is '-' but neither --key-file nor {ENV_KEY} gives a key"
+                    )));
+                }
+            },
+            (_, Some(_)) => {
+                return Err(Error::usage("--key-file goes with a KEY of '-'"));
+            }
+            (key, None) => key.as_bytes().to_vec(),
+        };
+        Key::new(bytes).map_err(|e| Error::usage(format!("invalid KEY: {e}")))
+    }
+}
+
+fn port_range(s: &str) -> std::result::Result<(u16, u16), String> {
+    let (low, high) = s
+        .split_once('-')
+        .ok_or_else(|| "a port range is LOW-HIGH, e.g. 30000-39999".to_string())?;
+    let low: Port = low.parse()?;
+    let high: Port = high.parse()?;
+    if low > high {
+        return Err("a port range is LOW-HIGH with LOW <= HIGH".into());
+    }
+    Ok((low.0, high.0))
+}
+
+/// Wait for a master on PORT; for each daemon it announces, start a
+/// bind-input on a free port and print "NAME PORT FIFO" on stdout.
+#[derive(Parser, Debug)]
+#[command(name = "pool", version)]
+pub struct Pool {
+    #[command(flatten)]
+    pub key: KeyArgs,
+
+    /// The TCP port to wait for a master on, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub port: Port,
+
+    /// Listen (and bind the daemons' ports) on this local address only
+    #[arg(short, long, value_name = "ADDR")]
+    pub bind: Option<IpAddr>,
+
+    /// The ports the daemons' bindings are chosen from
+    #[arg(long, value_name = "LOW-HIGH", value_parser = port_range, default_value = "30000-39999")]
+    pub ports: (u16, u16),
+
+    /// Seconds a daemon's binding waits for the master's connection
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
+    pub accept_timeout: Duration,
+}
+
+impl Pool {
+    pub fn options(self) -> Result<PoolOptions> {
+        Ok(PoolOptions {
+            key: self.key.resolve()?,
+            port: self.port,
+            bind: self.bind,
+            ports: self.ports,
+            accept_timeout: self.accept_timeout,
+            step_timeout: self.key.timeout,
+        })
+    }
+}
+
+/// Run every executable of DDIR as a daemon whose standard output flows,
+/// through a bind-output, to the pool at HOST:PORT.
+#[derive(Parser, Debug)]
+#[command(name = "master", version)]
+pub struct Master {
+    #[command(flatten)]
+    pub key: KeyArgs,
+
+    /// The host the pool runs on: a name, an IPv4 or an IPv6 address
+    #[arg(value_name = "HOST")]
+    pub host: Host,
+
+    /// The pool's TCP port, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub port: Port,
+
+    /// The directory of daemons: every executable file in it is run
+    #[arg(value_name = "DDIR")]
+    pub ddir: PathBuf,
+
+    /// Give up connecting (to the pool, and to each daemon's port) after
+    /// SECS seconds
+    #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    pub connect_timeout: Duration,
+}
+
+impl Master {
+    pub fn options(self) -> Result<MasterOptions> {
+        Ok(MasterOptions {
+            key: self.key.resolve()?,
+            host: self.host,
+            port: self.port,
+            ddir: self.ddir,
+            connect_timeout: self.connect_timeout,
+            step_timeout: self.key.timeout,
+        })
     }
 }

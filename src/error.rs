@@ -19,6 +19,9 @@ pub enum ExitStatus {
     /// Bad command line (EX_USAGE is 64, but 2 is the shell convention
     /// that clap and the spec use).
     Usage,
+    /// EX_NOINPUT: a master's daemon directory is missing or holds no
+    /// daemon.
+    NoInput,
     /// EX_NOHOST: the host name does not resolve.
     NoHost,
     /// EX_UNAVAILABLE: connection refused, port in use, peer went away.
@@ -47,6 +50,7 @@ impl ExitStatus {
             ExitStatus::Success => 0,
             ExitStatus::Failure => 1,
             ExitStatus::Usage => 2,
+            ExitStatus::NoInput => 66,
             ExitStatus::NoHost => 68,
             ExitStatus::Unavailable => 69,
             ExitStatus::Software => 70,
@@ -66,6 +70,7 @@ impl ExitStatus {
         match code {
             0 => ExitStatus::Success,
             2 => ExitStatus::Usage,
+            66 => ExitStatus::NoInput,
             68 => ExitStatus::NoHost,
             69 => ExitStatus::Unavailable,
             70 => ExitStatus::Software,
@@ -175,6 +180,7 @@ mod tests {
         for status in [
             ExitStatus::Success,
             ExitStatus::Usage,
+            ExitStatus::NoInput,
             ExitStatus::NoHost,
             ExitStatus::Unavailable,
             ExitStatus::Software,

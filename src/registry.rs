@@ -84,6 +84,15 @@ impl Registry {
         Ok(registry)
     }
 
+    /// A registry with no file: what is left behind once the real one has
+    /// been taken out to be deleted.
+    pub fn detached() -> Registry {
+        Registry {
+            path: PathBuf::new(),
+            entries: Vec::new(),
+        }
+    }
+
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
@@ -101,6 +110,9 @@ impl Registry {
     /// Writes a temporary file and renames it, so a reader (a sweeper)
     /// never sees half a registry.
     fn save(&self) -> io::Result<()> {
+        if self.path.as_os_str().is_empty() {
+            return Ok(());
+        }
         let tmp = self.path.with_extension("registry-new");
         let mut file = fs::OpenOptions::new()
             .write(true)
@@ -115,7 +127,9 @@ impl Registry {
     }
 
     pub fn delete(self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -1,0 +1,364 @@
+//! pool: the receiving end of a master.
+//!
+//! The main thread polls the listener, the signals and a pipe of events
+//! from the connection threads. Each connection gets a thread for its
+//! handshake, so a silent or garbage connection never holds up a good
+//! master; the first master to authenticate is served (others are told
+//! the pool is busy). For each daemon it announces, a `bind-input --once`
+//! is started on a free port, restricted to the master's address, and
+//! recorded in the registry; the main thread reaps those children. After
+//! END the pool stops listening and exits once its bindings have ended.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::args::{Id, Key, Port};
+use crate::binding::{IN, PollSet};
+use crate::claim::Claim;
+use crate::error::{Error, ExitStatus, Result};
+use crate::net;
+use crate::process::ProcessId;
+use crate::protocol::{self, Conn, Failure, Message};
+use crate::registry::{self, Entry, Kind, Registry};
+use crate::runtime_dir::RuntimeDir;
+use crate::signals::Signals;
+use crate::supervise::{self, Watchdog};
+use crate::sweep;
+
+/// Handshakes in progress at once; more connections are refused at once.
+const MAX_PENDING: usize = 16;
+/// Tries at finding a free port before answering ERR.
+const PORT_TRIES: usize = 64;
+
+pub struct PoolOptions {
+    pub key: Key,
+    pub port: Port,
+    pub bind: Option<IpAddr>,
+    pub ports: (u16, u16),
+    pub accept_timeout: Duration,
+    pub step_timeout: Duration,
+}
+
+/// State the connection threads share with the main thread.
+struct Shared {
+    opts: PoolOptions,
+    dir: RuntimeDir,
+    registry: Mutex<Registry>,
+    watchdog: Watchdog,
+    session_taken: AtomicBool,
+    pending: AtomicUsize,
+    /// Connection threads write one byte here: `R` a binding was
+    /// registered, `E` the master is done.
+    events: Mutex<UnixStream>,
+}
+
+impl Shared {
+    fn notify(&self, event: u8) {
+        let _ = self.events.lock().unwrap().write_all(&[event]);
+    }
+}
+
+pub fn run(opts: PoolOptions) -> Result<()> {
+    let dir = RuntimeDir::open()?;
+    sweep::sweep(&dir);
+    let name = format!("pool@{}", std::process::id());
+    let claim_path = dir.dotfile(&name, "lock");
+    let mut claim = Claim::take(&claim_path).map_err(|_| {
+        Error::new(
+            ExitStatus::CantCreate,
+            format!("cannot claim {}", claim_path.display()),
+        )
+    })?;
+    claim
+        .record(ProcessId::current())
+        .map_err(|e| Error::io(format!("cannot write {}", claim_path.display()), &e))?;
+    let registry_path = dir.dotfile(&name, "registry");
+    let registry = match Registry::create(&registry_path) {
+        Ok(r) => r,
+        Err(e) => {
+            claim.release();
+            return Err(Error::io(
+                format!("cannot create {}", registry_path.display()),
+                &e,
+            ));
+        }
+    };
+    let cleanup = |registry: Registry, claim: Claim| {
+        registry.delete();
+        claim.release();
+    };
+    let signals = Signals::block(true)?;
+    let _guardian: OwnedFd = supervise::guardian(&registry_path, vec![claim_path.clone()])?;
+    let listener = match net::listen(opts.bind, opts.port) {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(registry, claim);
+            return Err(e);
+        }
+    };
+    let (events_rx, events_tx) =
+        UnixStream::pair().map_err(|e| Error::io("cannot create a socket pair", &e))?;
+    events_rx
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("cannot configure a socket pair", &e))?;
+    log::info!("waiting for a master on port {}", opts.port);
+    let shared = Arc::new(Shared {
+        opts,
+        dir,
+        registry: Mutex::new(registry),
+        watchdog: Watchdog::new()?,
+        session_taken: AtomicBool::new(false),
+        pending: AtomicUsize::new(0),
+        events: Mutex::new(events_tx),
+    });
+    let outcome = main_loop(&shared, &signals, listener, &events_rx);
+    // Connection threads may still hold references; take the registry out.
+    let registry = std::mem::replace(&mut *shared.registry.lock().unwrap(), Registry::detached());
+    cleanup(registry, claim);
+    outcome
+}
+
+fn main_loop(
+    shared: &Arc<Shared>,
+    signals: &Signals,
+    listener: TcpListener,
+    events: &UnixStream,
+) -> Result<()> {
+    let mut listener = Some(listener);
+    let mut ended = false;
+    let mut set = PollSet::default();
+    loop {
+        reap(shared);
+        if ended && shared.registry.lock().unwrap().entries().is_empty() {
+            log::info!("all bindings have ended");
+            return Ok(());
+        }
+        set.clear();
+        let sig_slot = set.add(signals.as_fd(), IN);
+        let ev_slot = set.add(events.as_fd(), IN);
+        let listen_slot = listener.as_ref().map(|l| set.add(l.as_fd(), IN));
+        set.wait(None)
+            .map_err(|e| Error::io("cannot wait for events", &e))?;
+
+        if set.revents(sig_slot) != 0 {
+            while let Some(sig) = signals.next() {
+                if sig != Signal::SIGCHLD {
+                    log::info!("stopping on {sig}");
+                    let entries = shared.registry.lock().unwrap().entries().to_vec();
+                    registry::stop_all(&entries, Duration::from_secs(1));
+                    reap(shared);
+                    return Err(Error::new(ExitStatus::Signal(sig as i32), String::new()));
+                }
+            }
+        }
+        if set.revents(ev_slot) != 0 {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = io::Read::read(&mut &*events, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if buf[..n].contains(&b'E') && !ended {
+                    ended = true;
+                    // Stop listening: the port is free again at once.
+                    listener = None;
+                    log::info!("master done: waiting for the bindings to end");
+                }
+            }
+        }
+        if let (Some(slot), Some(l)) = (listen_slot, &listener)
+            && set.revents(slot) != 0
+        {
+            accept(shared, l);
+        }
+    }
+}
+
+/// Reaps the bindings that have exited and drops them from the registry.
+fn reap(shared: &Shared) {
+    let mut registry = shared.registry.lock().unwrap();
+    let pids: Vec<i32> = registry.entries().iter().map(|e| e.process.pid).collect();
+    for pid in pids {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(status) => {
+                log::info!("binding {pid} ended: {status:?}");
+                let _ = registry.remove(pid);
+            }
+            Err(_) => {
+                let _ = registry.remove(pid);
+            }
+        }
+    }
+}
+
+fn accept(shared: &Arc<Shared>, listener: &TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(pair) => pair,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::warn!("cannot accept: {}", crate::error::describe_io(&e));
+                return;
+            }
+        };
+        if shared.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            shared.pending.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("refused {peer}: too many connections at once");
+            let _ = (&stream).write_all(b"ERR busy: too many connections\n");
+            continue;
+        }
+        let shared = Arc::clone(shared);
+        std::thread::spawn(move || {
+            let ip = net::canonical(peer.ip());
+            if let Err(reason) = serve(&shared, stream, ip) {
+                log::warn!("connection from {peer}: {reason}");
+            }
+            shared.pending.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// One connection: the handshake, then (for the master) its requests.
+fn serve(shared: &Shared, stream: TcpStream, master: IpAddr) -> std::result::Result<(), String> {
+    let key = &shared.opts.key;
+    let mut conn = Conn::new(stream, shared.opts.step_timeout).map_err(|e| e.to_string())?;
+    let nonce = protocol::nonce();
+    conn.send(&Message::Challenge {
+        version: protocol::VERSION,
+        nonce: nonce.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let cnonce = match conn.recv() {
+        Ok(Message::Auth { cnonce, mac, .. }) => {
+            if !protocol::verify(key, "master", &nonce, &cnonce, &mac) {
+                conn.refuse("authentication failed: wrong key");
+                return Err("refused: wrong key".into());
+            }
+            cnonce
+        }
+        Ok(other) => {
+            conn.refuse("expected FIFOBIND 1 AUTH");
+            return Err(format!("refused: sent {other} before authenticating"));
+        }
+        Err(e) => {
+            if !matches!(e, Failure::Io(_)) {
+                conn.refuse(&e.to_string());
+            }
+            return Err(format!("handshake failed: {e}"));
+        }
+    };
+    if shared.session_taken.swap(true, Ordering::SeqCst) {
+        conn.refuse("busy: another master is being served");
+        return Err("refused: another master is being served".into());
+    }
+    conn.send(&Message::Ok {
+        proof: protocol::mac(key, "pool", &nonce, &cnonce),
+    })
+    .map_err(|e| e.to_string())?;
+    log::info!("master {master} authenticated");
+    let result = session(shared, &mut conn, master);
+    shared.notify(b'E');
+    result
+}
+
+fn session(shared: &Shared, conn: &mut Conn, master: IpAddr) -> std::result::Result<(), String> {
+    let mut seen = HashSet::new();
+    loop {
+        match conn.recv() {
+            Ok(Message::Daemon { name }) => {
+                if !seen.insert(name.clone()) {
+                    conn.refuse(&format!("daemon {name} announced twice"));
+                    continue;
+                }
+                match start(shared, &name, master) {
+                    Ok(port) => conn
+                        .send(&Message::Port { port })
+                        .map_err(|e| format!("master went away: {e}"))?,
+                    Err(reason) => {
+                        log::warn!("daemon {name}: {reason}");
+                        conn.refuse(&reason);
+                    }
+                }
+            }
+            Ok(Message::End) => {
+                let _ = conn.send(&Message::Bye);
+                log::info!("master {master} sent END");
+                return Ok(());
+            }
+            Ok(other) => {
+                conn.refuse(&format!("unexpected {other}"));
+                return Err(format!("master sent {other}: counting it as END"));
+            }
+            Err(Failure::Io(e)) => {
+                return Err(format!(
+                    "master left without END ({}): counting it as END",
+                    Failure::Io(e)
+                ));
+            }
+            Err(e) => {
+                conn.refuse(&e.to_string());
+                return Err(format!("{e}: counting it as END"));
+            }
+        }
+    }
+}
+
+/// Starts the bind-input of daemon `name` on a free port; returns it.
+fn start(shared: &Shared, name: &Id, master: IpAddr) -> std::result::Result<Port, String> {
+    let (low, high) = shared.opts.ports;
+    for _ in 0..PORT_TRIES {
+        let span = u64::from(high - low) + 1;
+        let port = Port(low + (getrandom::u64().unwrap_or(0) % span) as u16);
+        // Cheap test first; the binding's own listen settles any race.
+        if net::listen(shared.opts.bind, port).is_err() {
+            continue;
+        }
+        let mut args = vec![
+            "--once".to_string(),
+            "--allow".to_string(),
+            master.to_string(),
+            "--accept-timeout".to_string(),
+            shared.opts.accept_timeout.as_secs_f64().to_string(),
+        ];
+        if let Some(bind) = shared.opts.bind {
+            args.extend(["--bind".to_string(), bind.to_string()]);
+        }
+        args.extend([name.to_string(), port.to_string()]);
+        let mut registry = shared.registry.lock().unwrap();
+        match supervise::start_binding("bind-input", &args, shared.dir.path(), &shared.watchdog) {
+            Ok(process) => {
+                registry
+                    .add(Entry {
+                        kind: Kind::Binding,
+                        process,
+                        name: name.to_string(),
+                    })
+                    .map_err(|e| format!("cannot write the registry: {e}"))?;
+                drop(registry);
+                shared.notify(b'R');
+                let fifo = shared.dir.fifo(name);
+                let mut out = io::stdout().lock();
+                // A reader that went away must not stop the pool.
+                let _ = writeln!(out, "{name} {port} {}", fifo.display());
+                let _ = out.flush();
+                return Ok(port);
+            }
+            Err(e) if e.status == ExitStatus::Unavailable => continue,
+            Err(e) if e.status == ExitStatus::CantCreate => {
+                return Err(format!("cannot bind daemon {name}: its ID is in use here"));
+            }
+            Err(e) => return Err(format!("cannot bind daemon {name}: {e}")),
+        }
+    }
+    Err(format!("no free port found in {low}-{high}"))
+}

@@ -1,0 +1,393 @@
+//! The pool protocol: line-based text over TCP, spoken between a master
+//! and a pool, simple enough to speak by hand with `nc` (see pool(1)).
+//!
+//! ```text
+//! pool:   FIFOBIND 1 CHALLENGE <nonce>
+//! master: FIFOBIND 1 AUTH <cnonce> <mac>
+//! pool:   OK <proof>                     | ERR <reason>, then close
+//! master: DAEMON <name>
+//! pool:   PORT <port>                    | ERR <reason>
+//! ...
+//! master: END
+//! pool:   BYE
+//! ```
+//!
+//! Nonces are 32 fresh random bytes in lower-case hex. `mac` is
+//! HMAC-SHA256 under the shared key of `fifobind-1 master NONCE CNONCE`,
+//! `proof` the same of `fifobind-1 pool NONCE CNONCE`: each side proves it
+//! knows the key without sending it, and a captured exchange is worth
+//! nothing against the next nonce. Every line is at most [`MAX_LINE`]
+//! bytes, ends in `\n` (a `\r` before it is tolerated), holds printable
+//! ASCII only, and every step has a timeout; anything else is answered
+//! with an `ERR` line and a closed connection.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use hmac::{KeyInit, Mac};
+
+use crate::args::{Id, Key, Port};
+
+pub const VERSION: u32 = 1;
+/// The longest line either side accepts, newline included.
+pub const MAX_LINE: usize = 512;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Challenge {
+        version: u32,
+        nonce: String,
+    },
+    Auth {
+        version: u32,
+        cnonce: String,
+        mac: String,
+    },
+    Ok {
+        proof: String,
+    },
+    Daemon {
+        name: Id,
+    },
+    Port {
+        port: Port,
+    },
+    End,
+    Bye,
+    Err {
+        reason: String,
+    },
+}
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Challenge { version, nonce } => {
+                write!(f, "FIFOBIND {version} CHALLENGE {nonce}")
+            }
+            Message::Auth {
+                version,
+                cnonce,
+                mac,
+            } => write!(f, "FIFOBIND {version} AUTH {cnonce} {mac}"),
+            Message::Ok { proof } => write!(f, "OK {proof}"),
+            Message::Daemon { name } => write!(f, "DAEMON {name}"),
+            Message::Port { port } => write!(f, "PORT {port}"),
+            Message::End => f.write_str("END"),
+            Message::Bye => f.write_str("BYE"),
+            Message::Err { reason } => write!(f, "ERR {reason}"),
+        }
+    }
+}
+
+/// 64 lower-case hex digits: a nonce or a MAC.
+fn hex32(word: &str) -> Result<String, String> {
+    if word.len() == 64 && word.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(word.to_string())
+    } else {
+        Err(format!(
+            "expected 64 lower-case hex digits, got {:?}",
+            clip(word)
+        ))
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+impl Message {
+    /// Parses one line (without its newline).
+    pub fn parse(line: &str) -> Result<Message, String> {
+        let words: Vec<&str> = line.split(' ').collect();
+        let version = |w: &str| -> Result<u32, String> {
+            match w.parse::<u32>() {
+                Ok(VERSION) => Ok(VERSION),
+                _ => Err(format!(
+                    "protocol version {:?} not supported (this side speaks {VERSION})",
+                    clip(w)
+                )),
+            }
+        };
+        match words.as_slice() {
+            ["FIFOBIND", v, "CHALLENGE", nonce] => Ok(Message::Challenge {
+                version: version(v)?,
+                nonce: hex32(nonce)?,
+            }),
+            ["FIFOBIND", v, "AUTH", cnonce, mac] => Ok(Message::Auth {
+                version: version(v)?,
+                cnonce: hex32(cnonce)?,
+                mac: hex32(mac)?,
+            }),
+            ["FIFOBIND", v, ..] => {
+                version(v)?;
+                Err(format!("malformed line {:?}", clip(line)))
+            }
+            ["OK", proof] => Ok(Message::Ok {
+                proof: hex32(proof)?,
+            }),
+            ["DAEMON", name] => Ok(Message::Daemon {
+                name: name.parse().map_err(|e| format!("bad daemon name: {e}"))?,
+            }),
+            ["PORT", port] => Ok(Message::Port {
+                port: port.parse()?,
+            }),
+            ["END"] => Ok(Message::End),
+            ["BYE"] => Ok(Message::Bye),
+            ["ERR", ..] if line.len() > 4 => Ok(Message::Err {
+                reason: line[4..].to_string(),
+            }),
+            _ => Err(format!("unexpected line {:?}", clip(line))),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The connection failed, closed or timed out.
+    Io(io::Error),
+    /// The peer said something that breaks the protocol.
+    Protocol(String),
+    /// The peer answered `ERR`.
+    Refused(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                f.write_str("the connection was closed")
+            }
+            Failure::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                f.write_str("timed out")
+            }
+            Failure::Io(e) => f.write_str(&crate::error::describe_io(e)),
+            Failure::Protocol(s) => f.write_str(s),
+            Failure::Refused(s) => write!(f, "refused: {s}"),
+        }
+    }
+}
+
+/// One side of a protocol connection: framed lines with limits.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, step: Duration) -> io::Result<Conn> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(step))?;
+        stream.set_write_timeout(Some(step))?;
+        let _ = stream.set_nodelay(true);
+        let writer = stream.try_clone()?;
+        Ok(Conn {
+            reader: BufReader::with_capacity(MAX_LINE, stream),
+            writer,
+        })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.writer
+    }
+
+    pub fn send(&mut self, msg: &Message) -> Result<(), Failure> {
+        self.writer
+            .write_all(format!("{msg}\n").as_bytes())
+            .map_err(Failure::Io)
+    }
+
+    /// Sends an error line, ignoring failure: the connection closes next.
+    pub fn refuse(&mut self, reason: &str) {
+        let _ = self.send(&Message::Err {
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Reads the next message; an `ERR` line becomes [`Failure::Refused`].
+    pub fn recv(&mut self) -> Result<Message, Failure> {
+        let line = read_line(&mut self.reader)?;
+        match Message::parse(&line).map_err(Failure::Protocol)? {
+            Message::Err { reason } => Err(Failure::Refused(reason)),
+            msg => Ok(msg),
+        }
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes and checks its bytes.
+pub fn read_line<R: Read>(reader: &mut BufReader<R>) -> Result<String, Failure> {
+    let mut line = Vec::with_capacity(64);
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .map_err(Failure::Io)?;
+    if n == 0 {
+        return Err(Failure::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(if n >= MAX_LINE {
+            Failure::Protocol(format!("line longer than {MAX_LINE} bytes"))
+        } else {
+            Failure::Io(io::ErrorKind::UnexpectedEof.into())
+        });
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    check_line(&line)?;
+    Ok(String::from_utf8(line).expect("checked to be ASCII"))
+}
+
+/// Only printable ASCII and spaces: no NUL, no stray CR, no control bytes.
+pub fn check_line(line: &[u8]) -> Result<(), Failure> {
+    match line.iter().find(|&&b| !(b' '..=b'~').contains(&b)) {
+        None => Ok(()),
+        Some(b) => Err(Failure::Protocol(format!(
+            "byte 0x{b:02x} not allowed in a line"
+        ))),
+    }
+}
+
+/// A fresh random nonce, hex.
+pub fn nonce() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the kernel's random source works");
+    hex::encode(bytes)
+}
+
+/// The MAC one side (`role`: "master" or "pool") sends over the nonces.
+pub fn mac(key: &Key, role: &str, nonce: &str, cnonce: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("fifobind-{VERSION} {role} {nonce} {cnonce}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks a received MAC in constant time.
+pub fn verify(key: &Key, role: &str, nonce: &str, cnonce: &str, received: &str) -> bool {
+    let Ok(tag) = hex::decode(received) else {
+        return false;
+    };
+    let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("fifobind-{VERSION} {role} {nonce} {cnonce}").as_bytes());
+    mac.verify_slice(&tag).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(s: &str) -> Key {
+        Key::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let n = nonce();
+        let msgs = [
+            Message::Challenge {
+                version: 1,
+                nonce: n.clone(),
+            },
+            Message::Auth {
+                version: 1,
+                cnonce: n.clone(),
+                mac: n.clone(),
+            },
+            Message::Ok { proof: n },
+            Message::Daemon {
+                name: "dem1".parse().unwrap(),
+            },
+            Message::Port { port: Port(30001) },
+            Message::End,
+            Message::Bye,
+            Message::Err {
+                reason: "auth: wrong key".into(),
+            },
+        ];
+        for msg in msgs {
+            assert_eq!(Message::parse(&msg.to_string()), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn wrong_version_and_garbage_are_refused() {
+        let n = nonce();
+        assert!(
+            Message::parse(&format!("FIFOBIND 2 AUTH {n} {n}"))
+                .unwrap_err()
+                .contains("version")
+        );
+        for bad in [
+            "",
+            "HELLO",
+            "DAEMON ../x",
+            "PORT 80",
+            "DAEMON a b",
+            "END now",
+            "OK 12",
+        ] {
+            assert!(Message::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mac_depends_on_key_role_and_nonces() {
+        let (n, c) = (nonce(), nonce());
+        let m = mac(&key("k12"), "master", &n, &c);
+        assert!(verify(&key("k12"), "master", &n, &c, &m));
+        assert!(!verify(&key("k13"), "master", &n, &c, &m));
+        assert!(!verify(&key("k12"), "pool", &n, &c, &m));
+        assert!(!verify(&key("k12"), "master", &nonce(), &c, &m));
+        assert!(!verify(&key("k12"), "master", &n, &c, "zz"));
+    }
+
+    #[test]
+    fn framer_limits_and_bytes() {
+        let read = |bytes: &[u8]| read_line(&mut BufReader::new(bytes));
+        assert_eq!(read(b"END\r\n").unwrap(), "END");
+        assert!(matches!(read(b"E\0ND\n"), Err(Failure::Protocol(_))));
+        assert!(matches!(read(b"E\rND\n"), Err(Failure::Protocol(_))));
+        assert!(matches!(read(&[b'x'; 1000]), Err(Failure::Protocol(_))));
+        assert!(matches!(read(b"END"), Err(Failure::Io(_))));
+    }
+
+    proptest! {
+        /// Whatever bytes arrive, the framer and the parser answer with a
+        /// message or an error, never a panic; and what they accept is
+        /// printable, bounded, and parses back to itself once re-encoded.
+        #[test]
+        fn framer_and_parser_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            if let Ok(line) = read_line(&mut BufReader::new(&bytes[..])) {
+                prop_assert!(line.len() < MAX_LINE);
+                prop_assert!(check_line(line.as_bytes()).is_ok());
+                if let Ok(msg) = Message::parse(&line) {
+                    prop_assert_eq!(Message::parse(&msg.to_string()), Ok(msg));
+                }
+            }
+        }
+
+        #[test]
+        fn parser_survives_near_misses(
+            head in prop::sample::select(vec!["FIFOBIND", "DAEMON", "PORT", "OK", "END", "BYE", "ERR"]),
+            rest in "[ -~]{0,80}",
+        ) {
+            let line = format!("{head} {rest}");
+            if let Ok(msg) = Message::parse(&line) {
+                prop_assert_eq!(Message::parse(&msg.to_string()), Ok(msg));
+            }
+        }
+    }
+}
