@@ -65,7 +65,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             listener: Some(listener),
             conns: Vec::new(),
             owner: None,
-            next: 0,
+            turn: 0,
             next_token: 0,
             fifo_blocked: false,
             served: false,
@@ -123,6 +123,16 @@ impl Conn {
     fn writable(&mut self) -> &[u8] {
         let pending = self.end - self.start;
         if pending == 0 {
+            // A line longer than the buffer goes out in pieces as they
+            // arrive, so its end of stream usually comes with nothing
+            // left: it still needs its newline, or the next connection's
+            // line would be glued onto it.
+            if self.eof && self.mid_line {
+                self.buf[0] = b'\n';
+                self.start = 0;
+                self.end = 1;
+                return &self.buf[..1];
+            }
             return &[];
         }
         let len = match memchr::memrchr(b'\n', &self.buf[self.start..self.end]) {
@@ -147,8 +157,9 @@ impl Conn {
         }
     }
 
+    /// Ended, and everything passed on, the closing newline included.
     fn finished(&self) -> bool {
-        self.eof && self.start == self.end
+        self.eof && self.start == self.end && !self.mid_line
     }
 }
 
@@ -157,7 +168,10 @@ struct Relay<'a> {
     listener: Option<TcpListener>,
     conns: Vec<Conn>,
     owner: Option<u64>,
-    next: usize,
+    /// The token whose turn it is to write next: one past the last
+    /// writer's. A token, not an index: finished connections leave the
+    /// vector, and an index would then skip the one after them.
+    turn: u64,
     next_token: u64,
     fifo_blocked: bool,
     served: bool,
@@ -312,7 +326,7 @@ impl Relay<'_> {
                 Ok(n) => {
                     conn.consumed(n);
                     self.owner = conn.mid_line.then_some(conn.token);
-                    self.next = idx + 1;
+                    self.turn = conn.token + 1;
                 }
                 Err(nix::errno::Errno::EAGAIN) => {
                     self.fifo_blocked = true;
@@ -340,9 +354,18 @@ impl Relay<'_> {
                 None => self.owner = None,
             }
         }
+        // Round robin in the order the connections were accepted, starting
+        // after the last writer. So connections made one after the other
+        // (`echo a | nc; echo b | nc`) are written in that order even when
+        // their data arrives in the same poll round.
         let n = self.conns.len();
+        let first = self
+            .conns
+            .iter()
+            .position(|c| c.token >= self.turn)
+            .unwrap_or(0);
         (0..n)
-            .map(|k| (self.next + k) % n)
+            .map(|k| (first + k) % n)
             .find(|&i| !self.conns[i].writable().is_empty())
     }
 }

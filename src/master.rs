@@ -116,8 +116,9 @@ struct Master {
 }
 
 pub fn run(opts: MasterOptions) -> Result<()> {
-    let list = daemons(&opts.ddir)?;
+    // Daemons run in DDIR; their paths must not depend on our own cwd.
     let ddir = std::path::absolute(&opts.ddir).unwrap_or(opts.ddir.clone());
+    let list = daemons(&ddir)?;
     let dir = RuntimeDir::open()?;
     sweep::sweep(&dir);
     let name = format!("master@{}", std::process::id());
@@ -301,14 +302,15 @@ impl Master {
             .map_err(|e| Error::io(format!("cannot open FIFO {}", fifo_path.display()), &e))?;
         let mut cmd = Command::new(path);
         cmd.stdin(Stdio::null()).stdout(fifo).current_dir(ddir);
-        // SAFETY: setpgid is async-signal-safe. Each daemon leads its own
-        // process group, so stopping it stops its children too.
+        // SAFETY: setpgid and sigprocmask are async-signal-safe. Each
+        // daemon leads its own process group, so stopping it stops its
+        // children too; and it must not inherit our blocked signals.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setpgid(0, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                crate::signals::unblock_in_child()
             });
         }
         let child = cmd

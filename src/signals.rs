@@ -9,8 +9,8 @@
 //! thread of its own and cannot tell the signals apart.)
 //!
 //! Blocking must happen before any thread is spawned, so that every thread
-//! inherits the mask; children get a clean mask back from
-//! `std::process::Command`, which resets it before exec.
+//! inherits the mask. Children inherit it too, through fork and exec:
+//! every child we start resets it with [`unblock_in_child`].
 
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -21,6 +21,21 @@ use crate::error::Result;
 
 /// The signals that close a command properly.
 pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
+
+/// For `pre_exec`: gives a child the empty signal mask. `Command` leaves
+/// the parent's mask in place, and a daemon with SIGTERM blocked could
+/// never be stopped. Only async-signal-safe calls.
+pub fn unblock_in_child() -> std::io::Result<()> {
+    // SAFETY: sigemptyset and sigprocmask on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 
 pub struct Signals {
     fd: SignalFd,

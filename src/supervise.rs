@@ -72,13 +72,13 @@ pub fn start_binding(
         .env(ENV_DIR, dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    // SAFETY: fcntl is async-signal-safe; it only touches our descriptor.
+    // SAFETY: fcntl and sigprocmask are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            crate::signals::unblock_in_child()
         });
     }
     let mut child = cmd

@@ -4,3 +4,4 @@ mod util;
 
 mod bind_input;
 mod bind_output;
+mod pool_master;

@@ -8,8 +8,9 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::FileTypeExt;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -50,6 +51,17 @@ impl Env {
 
     pub fn fifo(&self, id: &str) -> PathBuf {
         self.dir.join(id)
+    }
+
+    /// The claim file of binding `id`.
+    pub fn lock(&self, id: &str) -> PathBuf {
+        self.dir.join(format!(".{id}.lock"))
+    }
+
+    /// Creates the runtime directory beforehand, with exactly `mode`.
+    pub fn make_dir(&self, mode: u32) {
+        fs::create_dir(&self.dir).unwrap();
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode)).unwrap();
     }
 
     /// A command with this test's runtime directory.
@@ -336,11 +348,23 @@ pub fn connect(port: u16) -> TcpStream {
 /// out; opens it once and keeps it open.
 pub fn read_lines(fifo: &Path, count: usize) -> Vec<String> {
     let mut file = fs::File::open(fifo).expect("open FIFO");
+    read_lines_from(&mut file, count)
+}
+
+/// A marker [`read_lines_from`] puts after a last line that had no
+/// newline, so that no comparison with whole lines can pass by mistake.
+pub const NO_NEWLINE: &str = "<no newline>";
+
+/// Reads lines from a FIFO, socket or pipe until `count` lines arrived,
+/// end-of-file, or the patience ran out. A last line without a newline
+/// is returned with [`NO_NEWLINE`] after it.
+pub fn read_lines_from<R: Read + AsRawFd>(src: &mut R, count: usize) -> Vec<String> {
     let mut buf = Vec::new();
+    let mut lines = 0;
     let mut chunk = vec![0u8; 1 << 16];
     let deadline = Instant::now() + PATIENCE;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    while buf.iter().filter(|&&b| b == b'\n').count() < count && Instant::now() < deadline {
+    let fd = src.as_raw_fd();
+    while lines < count && Instant::now() < deadline {
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -348,16 +372,29 @@ pub fn read_lines(fifo: &Path, count: usize) -> Vec<String> {
         };
         // SAFETY: one pollfd on the stack.
         unsafe { libc::poll(&mut pfd, 1, 200) };
-        if pfd.revents & libc::POLLIN != 0 {
-            let n = file.read(&mut chunk).unwrap();
+        if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let n = match src.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("read: {e}"),
+            };
+            // Count only the new bytes: the buffer may grow to megabytes.
+            lines += chunk[..n].iter().filter(|&&b| b == b'\n').count();
             buf.extend_from_slice(&chunk[..n]);
         }
     }
-    String::from_utf8(buf)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect()
+    let text = String::from_utf8(buf).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    if !text.is_empty()
+        && !text.ends_with('\n')
+        && let Some(last) = lines.last_mut()
+    {
+        last.push_str(NO_NEWLINE);
+    }
+    lines
 }
 
 /// Sends `text` on a new connection to a local port and closes it.
@@ -373,4 +410,233 @@ pub fn unique_set<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Asserts a command failed the documented way: exit `code`, nothing on
+/// stdout, exactly one line on stderr, and that line mentions `needle`.
+pub fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    assert!(out.stdout.is_empty(), "{}", describe(out));
+    assert!(
+        err.ends_with('\n') && err.lines().count() == 1,
+        "not one line on stderr: {}",
+        describe(out)
+    );
+    assert!(
+        err.contains(needle),
+        "stderr does not mention {needle:?}: {}",
+        describe(out)
+    );
+}
+
+/// A listener on 127.0.0.1, on a free port in the commands' range.
+pub fn listener() -> (TcpListener, u16) {
+    loop {
+        // Another process may take the port between the check and here.
+        let port = free_port();
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return (l, port);
+        }
+    }
+}
+
+/// Accepts one connection, waiting at most [`PATIENCE`].
+pub fn accept(listener: &TcpListener) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return stream;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Connects to `to` from the local address `from` (another loopback
+/// address, to test address restrictions). No retry.
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SockAddr::from(SocketAddr::new(from, 0)))?;
+    socket.connect(&SockAddr::from(to))?;
+    Ok(socket.into())
+}
+
+/// Waits until the peer closed `stream` (end-of-file or reset), discarding
+/// whatever it sends; false if it is still open after `limit`.
+pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether a command can run in a fresh, empty network namespace
+/// (`unshare -n`), where no packet can leave the machine. Prints why not.
+pub fn can_unshare_net() -> bool {
+    if !is_root() {
+        println!("skipped: not root, cannot unshare the network namespace");
+        return false;
+    }
+    let ok = Command::new("unshare")
+        .args(["-n", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("skipped: unshare -n is missing or not permitted");
+    }
+    ok
+}
+
+/// Whether IPv6 loopback works here; prints why a test skips when not.
+pub fn has_ipv6() -> bool {
+    let ok = TcpListener::bind(("::1", 0)).is_ok();
+    if !ok {
+        println!("skipped the IPv6 part: ::1 is not available");
+    }
+    ok
+}
+
+pub const POOL: &str = env!("CARGO_BIN_EXE_pool");
+pub const MASTER: &str = env!("CARGO_BIN_EXE_master");
+
+/// A long-running command of a test (a pool, a master, a bash pipeline):
+/// its output is collected as it comes, and it is killed on drop.
+pub struct Spawned {
+    pub child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect_into(
+    mut from: impl Read + Send + 'static,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<()>,
+) {
+    let sink = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let to = sink.clone();
+    let handle = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = from.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            to.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (sink, handle)
+}
+
+impl Env {
+    /// Starts a long-running command with this test's runtime directory.
+    pub fn spawn(&self, cmd: &mut Command) -> Spawned {
+        let mut child = cmd
+            .env("FIFOBIND_DIR", &self.dir)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("PATH", path_with_bins())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let (stdout, a) = collect_into(child.stdout.take().unwrap());
+        let (stderr, b) = collect_into(child.stderr.take().unwrap());
+        Spawned {
+            child,
+            stdout,
+            stderr,
+            readers: vec![a, b],
+        }
+    }
+
+    /// Starts `bash -c script`.
+    pub fn spawn_bash(&self, script: &str) -> Spawned {
+        self.spawn(Command::new("bash").arg("-c").arg(script))
+    }
+
+    /// A directory of daemons: (name, bash body) pairs, made executable.
+    pub fn daemons(&self, scripts: &[(&str, &str)]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let ddir = self.tmp().join("daemons");
+        fs::create_dir_all(&ddir).unwrap();
+        for (name, body) in scripts {
+            let path = ddir.join(name);
+            fs::write(&path, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        ddir
+    }
+}
+
+impl Spawned {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).to_string()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).to_string()
+    }
+
+    /// Waits for the command to end; None if it is still running after
+    /// `limit`. Its output is then complete.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let status = wait_child(&mut self.child, limit)?;
+        // Its output ends when the last holder of the pipes exits; a
+        // leftover process (a bug the test will report) must not hang it.
+        wait_for(Duration::from_secs(2), || {
+            self.readers.iter().all(|r| r.is_finished())
+        });
+        Some(status)
+    }
+
+    /// Waits until its stdout satisfies `cond`.
+    pub fn wait_stdout(&self, limit: Duration, cond: impl Fn(&str) -> bool) -> bool {
+        wait_for(limit, || cond(&self.stdout()))
+    }
+
+    pub fn wait_stderr(&self, limit: Duration, cond: impl Fn(&str) -> bool) -> bool {
+        wait_for(limit, || cond(&self.stderr()))
+    }
+
+    pub fn describe(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
