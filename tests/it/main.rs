@@ -4,4 +4,5 @@ mod util;
 
 mod bind_input;
 mod bind_output;
+mod man;
 mod pool_master;
