@@ -24,6 +24,7 @@ pub struct Binding {
     pub dir: RuntimeDir,
     claim: Claim,
     pub fifo: Fifo,
+    watchdog: Option<OwnedFd>,
 }
 
 /// Options every binding command takes.
@@ -37,8 +38,18 @@ pub struct Common {
 }
 
 impl Binding {
-    /// Sweeps the runtime directory, claims `id` and creates its FIFO.
-    pub fn open(id: &Id) -> Result<Binding> {
+    /// Takes over the descriptors given (the watchdog) and lets go of the
+    /// others inherited, sweeps the runtime directory, claims `id` and
+    /// creates its FIFO.
+    pub fn open(id: &Id, common: &Common) -> Result<Binding> {
+        // Checked first: a bad descriptor is a usage error, refused before
+        // anything is created.
+        let watchdog = common.watchdog_fd.map(adopt_fd).transpose()?;
+        if !common.foreground {
+            // A daemon must not keep its caller's descriptors: a pipe held
+            // open here would hang `pid=$(bind-input ... 3> >(cat))`.
+            daemon::close_inherited(watchdog.as_ref().map(|w| w.as_raw_fd()));
+        }
         let dir = RuntimeDir::open()?;
         sweep::sweep(&dir);
         let claim = match Claim::take(&dir.dotfile(id.as_str(), "lock")) {
@@ -74,6 +85,7 @@ impl Binding {
             dir,
             claim,
             fifo,
+            watchdog,
         })
     }
 
@@ -90,16 +102,7 @@ impl Binding {
     where
         F: FnOnce(&mut Binding, &Stop, &mut Ready) -> Result<()>,
     {
-        let watchdog = match common.watchdog_fd {
-            Some(fd) => match adopt_fd(fd) {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    self.close();
-                    return Err(e);
-                }
-            },
-            None => None,
-        };
+        let watchdog = self.watchdog.take();
         let log_path = self.dir.dotfile(self.id.as_str(), "log");
         daemon::detach(common.foreground, move |ready| {
             if common.foreground {

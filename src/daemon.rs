@@ -59,6 +59,26 @@ impl Ready {
     }
 }
 
+/// Closes every descriptor above stderr but `keep`. Called first thing,
+/// before this process opens anything of its own.
+pub fn close_inherited(keep: Option<i32>) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Collect first: the directory listing holds a descriptor itself.
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && Some(fd) != keep {
+            // SAFETY: nothing in this process owns these yet; an already
+            // closed one (the listing's own) gives EBADF, which is fine.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 fn redirect_to_null(fd: i32) {
     if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
         // SAFETY: dup2 onto a standard descriptor number, which stays open.

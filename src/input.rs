@@ -43,7 +43,7 @@ pub struct InputOptions {
 }
 
 pub fn run(opts: InputOptions) -> Result<()> {
-    let binding = Binding::open(&opts.id)?;
+    let binding = Binding::open(&opts.id, &opts.common)?;
     let listener = match net::listen(opts.bind, opts.port) {
         Ok(l) => l,
         Err(e) => {
@@ -207,7 +207,10 @@ impl Relay<'_> {
                     if left.is_zero() {
                         return Err(Error::new(
                             ExitStatus::TempFail,
-                            format!("nobody connected within {} s: giving up", limit.as_secs()),
+                            format!(
+                                "nobody connected within {} s: giving up",
+                                limit.as_secs_f64()
+                            ),
                         ));
                     }
                     timeout = Some(left);

@@ -47,6 +47,11 @@ fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
 /// Resolves `host` and connects to the first of its addresses that
 /// answers within `timeout`.
 pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     let addrs: Vec<SocketAddr> = match (host, port.0).to_socket_addrs() {
         Ok(addrs) => addrs.collect(),
         Err(_) => Vec::new(),
@@ -54,7 +59,7 @@ pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
     if addrs.is_empty() {
         return Err(Error::new(
             ExitStatus::NoHost,
-            format!("cannot connect to {host}:{port}: unknown host"),
+            format!("cannot connect to {target}: unknown host"),
         ));
     }
     let mut last = None;
@@ -75,7 +80,7 @@ pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
         }
     }
     let err = last.expect("at least one address was tried");
-    let mut error = Error::io(format!("cannot connect to {host}:{port}"), &err);
+    let mut error = Error::io(format!("cannot connect to {target}"), &err);
     if err.kind() == io::ErrorKind::TimedOut {
         error.status = ExitStatus::TempFail;
     }

@@ -32,7 +32,7 @@ pub struct OutputOptions {
 }
 
 pub fn run(opts: OutputOptions) -> Result<()> {
-    let binding = Binding::open(&opts.id)?;
+    let binding = Binding::open(&opts.id, &opts.common)?;
     let stream = match net::connect(opts.host.as_str(), opts.port, opts.connect_timeout) {
         Ok(s) => s,
         Err(e) => {
@@ -179,7 +179,7 @@ impl Relay<'_> {
         if lost > 0 {
             message.push_str(&format!(" ({lost} bytes not sent)"));
         }
-        log::warn!("{message}");
+        // Reported once, as this binding's error (logged or printed).
         Err(Error::new(ExitStatus::Unavailable, message))
     }
 
