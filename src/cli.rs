@@ -211,7 +211,11 @@ impl KeyArgs {
         let bytes = match (self.key.as_str(), &self.key_file) {
             ("-", Some(file)) => {
                 let text = std::fs::read(file).map_err(|e| {
-                    Error::io(format!("cannot read key file {}", file.display()), &e)
+                    let mut err = Error::io(format!("cannot read key file {}", file.display()), &e);
+                    if err.status == ExitStatus::CantCreate {
+                        err.status = ExitStatus::NoInput;
+                    }
+                    err
                 })?;
                 let line = text.split(|&b| b == b'\n').next().unwrap_or(&[]);
                 line.strip_suffix(b"\r").unwrap_or(line).to_vec()

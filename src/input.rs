@@ -284,7 +284,10 @@ impl Relay<'_> {
                     return;
                 }
             };
+            // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: log
+            // them as the IPv4 addresses they are, as --allow names them.
             let from = net::canonical(peer.ip());
+            let peer = SocketAddr::new(from, peer.port());
             if let Some(allowed) = self.opts.allow
                 && net::canonical(allowed) != from
             {
@@ -294,7 +297,6 @@ impl Relay<'_> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            log::info!("connection from {peer}");
             self.conns.push(Conn::new(self.next_token, stream, peer));
             self.next_token += 1;
             if self.opts.once {
@@ -302,6 +304,9 @@ impl Relay<'_> {
                 self.served = true;
                 self.listener = None;
             }
+            // Logged once the listener is closed, so whoever reads the log
+            // knows a --once binding takes nobody else.
+            log::info!("connection from {peer}");
         }
     }
 

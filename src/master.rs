@@ -226,6 +226,16 @@ impl Master {
 
     fn pool_failure(&self, e: Failure) -> Error {
         let status = match &e {
+            // A step's read timeout surfaces as EAGAIN, which of_io
+            // would take for a lack of resources.
+            Failure::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                ExitStatus::TempFail
+            }
             Failure::Io(io) => ExitStatus::of_io(io),
             Failure::Protocol(_) => ExitStatus::Protocol,
             Failure::Refused(_) => ExitStatus::Unavailable,
@@ -274,7 +284,12 @@ impl Master {
                 format!("the pool answered {other}"),
             )),
             Err(Failure::Refused(reason)) => Err(Error::new(
-                ExitStatus::NoPerm,
+                // Busy serving another master: worth trying again later.
+                if reason.starts_with("busy") {
+                    ExitStatus::TempFail
+                } else {
+                    ExitStatus::NoPerm
+                },
                 format!("the pool refused this master: {reason}"),
             )),
             Err(e) => Err(self.pool_failure(e)),
@@ -387,6 +402,10 @@ impl Master {
                 log::info!("daemon {} ended ({status})", d.name);
                 d.status = Some(status);
                 let _ = self.registry.remove(d.process.pid);
+                // What it left running in its group goes with it (the
+                // group outlives its leader while members remain, so its
+                // number cannot have been reused).
+                let _ = nix::sys::signal::killpg(Pid::from_raw(d.process.pid), Signal::SIGTERM);
                 // Its output is complete: the binding sends the rest and
                 // closes.
                 if !d.binding_done {
@@ -423,15 +442,20 @@ impl Master {
             std::thread::sleep(Duration::from_millis(10));
         }
         for entry in self.registry.entries().to_vec() {
-            entry.signal(Signal::SIGKILL);
+            if entry.alive() {
+                entry.signal(Signal::SIGKILL);
+            }
             let _ = waitpid(Pid::from_raw(entry.process.pid), None);
             let _ = self.registry.remove(entry.process.pid);
         }
     }
 
+    /// Reaps what has ended and forgets it. A daemon is forgotten only
+    /// once its whole process group has ended: a child of it deaf to
+    /// SIGTERM outlives its daemon, and must still get the SIGKILL.
     fn reap_registered(&mut self) {
         for entry in self.registry.entries().to_vec() {
-            if reap_one(entry.process.pid).is_some() {
+            if reap_one(entry.process.pid).is_some() && !entry.alive() {
                 let _ = self.registry.remove(entry.process.pid);
             }
         }

@@ -156,6 +156,10 @@ impl Relay<'_> {
                 }
             }
         }
+        // All sent: the whole buffer is free again. (Left full, the FIFO
+        // would never be polled again and the writers would hang.)
+        self.start = 0;
+        self.end = 0;
         Step::Continue
     }
 

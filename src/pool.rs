@@ -3,18 +3,21 @@
 //! The main thread polls the listener, the signals and a pipe of events
 //! from the connection threads. Each connection gets a thread for its
 //! handshake, so a silent or garbage connection never holds up a good
-//! master; the first master to authenticate is served (others are told
-//! the pool is busy). For each daemon it announces, a `bind-input --once`
-//! is started on a free port, restricted to the master's address, and
-//! recorded in the registry; the main thread reaps those children. After
-//! END the pool stops listening and exits once its bindings have ended.
+//! master; at most [`MAX_PENDING`] handshakes wait at once, and a newcomer
+//! beyond that pushes the oldest out, so a crowd of idle connections
+//! cannot lock a master out either. The first master to authenticate is
+//! served (others are told the pool is busy). For each daemon it
+//! announces, a `bind-input --once` is started on a free port, restricted
+//! to the master's address, and recorded in the registry; the main thread
+//! reaps those children. After END the pool stops listening and exits once
+//! its bindings have ended.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,8 +38,11 @@ use crate::signals::Signals;
 use crate::supervise::{self, Watchdog};
 use crate::sweep;
 
-/// Handshakes in progress at once; more connections are refused at once.
+/// Handshakes in progress at once; a newcomer beyond them pushes the
+/// oldest out.
 const MAX_PENDING: usize = 16;
+/// The answer to a handshake pushed out (or one that cannot be served).
+const BUSY: &[u8] = b"ERR busy: too many connections\n";
 /// Tries at finding a free port before answering ERR.
 const PORT_TRIES: usize = 64;
 
@@ -56,15 +62,36 @@ struct Shared {
     registry: Mutex<Registry>,
     watchdog: Watchdog,
     session_taken: AtomicBool,
-    pending: AtomicUsize,
+    pending: Mutex<Pending>,
     /// Connection threads write one byte here: `R` a binding was
     /// registered, `E` the master is done.
     events: Mutex<UnixStream>,
 }
 
+/// The handshakes in progress: connections that have not sent their first
+/// line yet, oldest first, each with a handle to push it out.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    conns: VecDeque<(u64, TcpStream)>,
+}
+
 impl Shared {
     fn notify(&self, event: u8) {
         let _ = self.events.lock().unwrap().write_all(&[event]);
+    }
+
+    /// Takes connection `token` off the pending handshakes; false if it was
+    /// no longer there: pushed out to make room.
+    fn leave(&self, token: u64) -> bool {
+        let mut pending = self.pending.lock().unwrap();
+        match pending.conns.iter().position(|(t, _)| *t == token) {
+            Some(i) => {
+                pending.conns.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -118,7 +145,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         registry: Mutex::new(registry),
         watchdog: Watchdog::new()?,
         session_taken: AtomicBool::new(false),
-        pending: AtomicUsize::new(0),
+        pending: Mutex::new(Pending::default()),
         events: Mutex::new(events_tx),
     });
     let outcome = main_loop(&shared, &signals, listener, &events_rx);
@@ -211,25 +238,60 @@ fn accept(shared: &Arc<Shared>, listener: &TcpListener) {
                 return;
             }
         };
-        if shared.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
-            shared.pending.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("refused {peer}: too many connections at once");
-            let _ = (&stream).write_all(b"ERR busy: too many connections\n");
-            continue;
-        }
+        let token = {
+            let mut pending = shared.pending.lock().unwrap();
+            // Refusing newcomers while the table is full would let 16 idle
+            // connections lock every master out for the step timeout, again
+            // and again. Instead the oldest handshake, the likeliest to be
+            // idle (a master answers its challenge within a round trip),
+            // makes room: it is told it is busy and closed, and its thread,
+            // waiting for its line, sees the end at once.
+            if pending.conns.len() >= MAX_PENDING
+                && let Some((_, oldest)) = pending.conns.pop_front()
+            {
+                let who = oldest
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "?".into());
+                log::warn!(
+                    "too many connections at once: dropped the oldest handshake, from {who}"
+                );
+                let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT
+                    | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+                let _ = nix::sys::socket::send(oldest.as_raw_fd(), BUSY, flags);
+                let _ = oldest.shutdown(Shutdown::Both);
+            }
+            let handle = match stream.try_clone() {
+                Ok(handle) => handle,
+                Err(e) => {
+                    log::warn!("refused {peer}: {}", crate::error::describe_io(&e));
+                    let _ = (&stream).write_all(BUSY);
+                    continue;
+                }
+            };
+            let token = pending.next;
+            pending.next += 1;
+            pending.conns.push_back((token, handle));
+            token
+        };
         let shared = Arc::clone(shared);
         std::thread::spawn(move || {
             let ip = net::canonical(peer.ip());
-            if let Err(reason) = serve(&shared, stream, ip) {
+            if let Err(reason) = serve(&shared, stream, ip, token) {
                 log::warn!("connection from {peer}: {reason}");
             }
-            shared.pending.fetch_sub(1, Ordering::SeqCst);
+            shared.leave(token);
         });
     }
 }
 
 /// One connection: the handshake, then (for the master) its requests.
-fn serve(shared: &Shared, stream: TcpStream, master: IpAddr) -> std::result::Result<(), String> {
+fn serve(
+    shared: &Shared,
+    stream: TcpStream,
+    master: IpAddr,
+    token: u64,
+) -> std::result::Result<(), String> {
     let key = &shared.opts.key;
     let mut conn = Conn::new(stream, shared.opts.step_timeout).map_err(|e| e.to_string())?;
     let nonce = protocol::nonce();
@@ -238,7 +300,12 @@ fn serve(shared: &Shared, stream: TcpStream, master: IpAddr) -> std::result::Res
         nonce: nonce.clone(),
     })
     .map_err(|e| e.to_string())?;
-    let cnonce = match conn.recv() {
+    let first = conn.recv();
+    // With its first line in, it is no handshake to push out any more.
+    if !shared.leave(token) {
+        return Err("dropped to make room: too many connections at once".into());
+    }
+    let cnonce = match first {
         Ok(Message::Auth { cnonce, mac, .. }) => {
             if !protocol::verify(key, "master", &nonce, &cnonce, &mac) {
                 conn.refuse("authentication failed: wrong key");

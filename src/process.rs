@@ -20,14 +20,49 @@ pub struct ProcessId {
 /// What `/proc/PID/stat` says of a process: its start time, and whether it
 /// is a zombie (dead, waiting to be reaped: it holds nothing any more).
 fn stat(pid: i32) -> Option<(u64, bool)> {
+    stat_full(pid).map(|s| (s.start, s.zombie))
+}
+
+struct Stat {
+    start: u64,
+    zombie: bool,
+    group: i32,
+    session: i32,
+}
+
+fn stat_full(pid: i32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; the
     // fields after the last ')' are plain.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let zombie = matches!(fields.first(), Some(&"Z") | Some(&"X"));
+    let group = fields.get(2)?.parse().ok()?;
+    let session = fields.get(3)?.parse().ok()?;
     let start = fields.get(19)?.parse().ok()?;
-    Some((start, zombie))
+    Some(Stat {
+        start,
+        zombie,
+        group,
+        session,
+    })
+}
+
+/// The members of process group `pgid`, zombies included.
+fn group_members(pgid: i32) -> Vec<Stat> {
+    // Cheap first: no member at all.
+    if signal::killpg(Pid::from_raw(pgid), None).is_err() {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat_full)
+        .filter(|s| s.group == pgid)
+        .collect()
 }
 
 impl ProcessId {
@@ -53,10 +88,44 @@ impl ProcessId {
         self.is_alive() && signal::kill(Pid::from_raw(self.pid), sig).is_ok()
     }
 
+    /// Whether the process group this process was started to lead (a
+    /// master's daemon) is still the one of that ID, given its members.
+    ///
+    /// While the leader runs, or is a zombie, its PID is taken: the group
+    /// is ours exactly when the leader is the recorded process. Once the
+    /// leader is gone the group lives on in its children (checking the
+    /// leader alone, as before, let a daemon's child deaf to SIGTERM
+    /// escape the SIGKILL and outlive its master). The kernel hands out no
+    /// PID that is still a group's ID, so that group is the daemon's unless
+    /// the number came free and was taken by a new group since, whose own
+    /// leader died too (a double-forked daemon's group is such). A group
+    /// never spans sessions, and a daemon stays in its master's: so a
+    /// leaderless group counts as ours only in the session we run in (the
+    /// master, its guardian, a command started beside it). A stale
+    /// registry swept from another session never touches one.
+    fn group_is_ours(&self, members: &[Stat]) -> bool {
+        match stat(self.pid) {
+            Some((start, _)) => start == self.start,
+            None => {
+                let ours = nix::unistd::getsid(None).ok().map(|s| s.as_raw());
+                members.first().is_some_and(|m| Some(m.session) == ours)
+            }
+        }
+    }
+
     /// Signals the process group this process leads (a master's daemon and
-    /// its children), if the leader is still the recorded process.
+    /// its children), leader or no leader, while it is still the daemon's
+    /// (see `group_is_ours`).
     pub fn signal_group(&self, sig: Signal) -> bool {
-        self.is_alive() && signal::killpg(Pid::from_raw(self.pid), sig).is_ok()
+        self.group_is_ours(&group_members(self.pid))
+            && signal::killpg(Pid::from_raw(self.pid), sig).is_ok()
+    }
+
+    /// True while any member of the process group this process leads runs
+    /// (zombies do not count).
+    pub fn group_is_alive(&self) -> bool {
+        let members = group_members(self.pid);
+        self.group_is_ours(&members) && members.iter().any(|m| !m.zombie)
     }
 }
 
@@ -101,6 +170,71 @@ mod tests {
         };
         assert!(!impostor.is_alive());
         assert!(!impostor.signal(Signal::SIGTERM));
+        // Nor is its group: our own process group must not be touched.
+        assert!(!impostor.signal_group(Signal::SIGTERM));
+        assert!(!impostor.group_is_alive());
+    }
+
+    /// A shell that leads a new process group, leaves a `sleep` in it and
+    /// exits (reaped at once): a group whose leader is gone. With `session`
+    /// it leads a new session too, as a double-forked daemon's starter
+    /// does. Returns the group's ID.
+    fn leaderless_group(session: bool) -> i32 {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 30 >/dev/null 2>&1 & echo $$"]);
+        // SAFETY: setsid and setpgid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let rc = if session {
+                    libc::setsid()
+                } else {
+                    libc::setpgid(0, 0)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_group_outlives_its_leader_in_our_session_only() {
+        // In our session (a master's daemon): still the daemon's group.
+        let pgid = leaderless_group(false);
+        let daemon = ProcessId {
+            pid: pgid,
+            start: 1,
+        };
+        assert!(daemon.group_is_alive());
+        assert!(daemon.signal_group(Signal::SIGKILL));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while daemon.group_is_alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!daemon.group_is_alive());
+
+        // In another session (a stale record whose number now names a
+        // stranger's group): never touched.
+        let pgid = leaderless_group(true);
+        let stale = ProcessId {
+            pid: pgid,
+            start: 1,
+        };
+        assert!(!stale.group_is_alive());
+        assert!(!stale.signal_group(Signal::SIGKILL));
+        assert!(
+            signal::killpg(Pid::from_raw(pgid), None).is_ok(),
+            "the stranger lives"
+        );
+        let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }
 
     #[test]

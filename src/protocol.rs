@@ -24,7 +24,7 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{KeyInit, Mac};
 
@@ -180,8 +180,30 @@ impl fmt::Display for Failure {
 
 /// One side of a protocol connection: framed lines with limits.
 pub struct Conn {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Deadlined>,
     writer: TcpStream,
+    step: Duration,
+}
+
+/// The reading side of a connection, whose reads all end by one deadline.
+/// A socket timeout bounds each read(2) alone: a peer trickling a byte now
+/// and then would hold a line, and the pool's handshake slot, open for as
+/// long as it liked. So each read waits only for what is left of the time
+/// the whole line has.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
 }
 
 impl Conn {
@@ -191,9 +213,14 @@ impl Conn {
         stream.set_write_timeout(Some(step))?;
         let _ = stream.set_nodelay(true);
         let writer = stream.try_clone()?;
+        let reader = Deadlined {
+            stream,
+            deadline: Instant::now() + step,
+        };
         Ok(Conn {
-            reader: BufReader::with_capacity(MAX_LINE, stream),
+            reader: BufReader::with_capacity(MAX_LINE, reader),
             writer,
+            step,
         })
     }
 
@@ -214,8 +241,10 @@ impl Conn {
         });
     }
 
-    /// Reads the next message; an `ERR` line becomes [`Failure::Refused`].
+    /// Reads the next message, which must arrive whole within the step
+    /// timeout; an `ERR` line becomes [`Failure::Refused`].
     pub fn recv(&mut self) -> Result<Message, Failure> {
+        self.reader.get_mut().deadline = Instant::now() + self.step;
         let line = read_line(&mut self.reader)?;
         match Message::parse(&line).map_err(Failure::Protocol)? {
             Message::Err { reason } => Err(Failure::Refused(reason)),

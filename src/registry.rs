@@ -66,6 +66,15 @@ impl Entry {
             Kind::Daemon => self.process.signal_group(sig),
         }
     }
+
+    /// True while the binding runs, or anything of the daemon's group:
+    /// its children may outlive it.
+    pub fn alive(&self) -> bool {
+        match self.kind {
+            Kind::Binding => self.process.is_alive(),
+            Kind::Daemon => self.process.group_is_alive(),
+        }
+    }
 }
 
 pub struct Registry {
@@ -113,7 +122,7 @@ impl Registry {
         if self.path.as_os_str().is_empty() {
             return Ok(());
         }
-        let tmp = self.path.with_extension("registry-new");
+        let tmp = temporary(&self.path);
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -133,6 +142,19 @@ impl Registry {
     }
 }
 
+/// Where [`Registry::save`] writes before renaming.
+fn temporary(path: &Path) -> PathBuf {
+    path.with_extension("registry-new")
+}
+
+/// Removes the registry file of a dead owner, and the temporary a save
+/// cut short by SIGKILL may have left beside it (nothing else would ever
+/// remove that one).
+pub fn remove(path: &Path) {
+    let _ = fs::remove_file(path);
+    let _ = fs::remove_file(temporary(path));
+}
+
 /// Reads a registry file; unreadable lines are skipped.
 pub fn load(path: &Path) -> Vec<Entry> {
     fs::read_to_string(path)
@@ -147,11 +169,13 @@ pub fn stop_all(entries: &[Entry], grace: Duration) {
         entry.signal(Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while entries.iter().any(|e| e.process.is_alive()) && Instant::now() < deadline {
+    // A daemon counts as stopped once its whole group has: a child deaf to
+    // SIGTERM must still get the SIGKILL below, its daemon gone or not.
+    while entries.iter().any(Entry::alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     for entry in entries {
-        if entry.signal(Signal::SIGKILL) {
+        if entry.alive() && entry.signal(Signal::SIGKILL) {
             log::warn!(
                 "{} {} did not stop in time: killed",
                 entry.name,

@@ -138,7 +138,7 @@ pub fn guardian(registry_path: &Path, cleanup: Vec<PathBuf>) -> Result<OwnedFd> 
             while matches!(pipe.read(&mut byte), Ok(n) if n > 0) {}
             if registry_path.exists() {
                 registry::stop_all(&registry::load(registry_path), Duration::from_secs(1));
-                let _ = std::fs::remove_file(registry_path);
+                registry::remove(registry_path);
                 for path in cleanup {
                     if path.is_dir() {
                         let _ = std::fs::remove_dir_all(&path);

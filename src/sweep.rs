@@ -56,7 +56,7 @@ fn reclaim(dir: &RuntimeDir, name: &str) {
     if !leftovers.is_empty() {
         registry::stop_all(&leftovers, GRACE);
     }
-    let _ = fs::remove_file(&registry_path);
+    registry::remove(&registry_path);
     let session = dir.dotfile(name, "d");
     if session.is_dir() {
         if let Ok(inner) = RuntimeDir::at(&session) {

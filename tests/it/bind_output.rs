@@ -183,6 +183,28 @@ fn writers_reopening_per_line_arrive_in_order() {
     env.assert_clean();
 }
 
+/// Regression: once the relay's buffer had been filled and fully sent,
+/// the FIFO was never polled again and writers hung after ~128 KiB.
+#[test]
+fn more_than_a_buffer_full_keeps_flowing() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    let pid = env.start(BIND_OUTPUT, &["big", "127.0.0.1", &port.to_string()]);
+    let mut conn = accept(&listener);
+    let writer = env.spawn_bash(r#"seq 1 400000 > "$FIFOBIND_DIR/big""#);
+    let got = read_lines_from(&mut conn, 400_000);
+    assert_eq!(got.len(), 400_000, "{}", env.logs());
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, l)| *l == (i + 1).to_string())
+    );
+    drop(writer);
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
 /// SIGTERM right after the last write still sends everything, then
 /// closes the connection.
 #[test]

@@ -4,5 +4,6 @@ mod util;
 
 mod bind_input;
 mod bind_output;
+mod hardening;
 mod man;
 mod pool_master;

@@ -13,12 +13,11 @@ use clap::CommandFactory;
 type Definition = fn() -> clap::Command;
 
 /// Each command with its clap definition; its page is `man/<name>.1`.
-/// Pool and master join with one line each once their pages exist:
-/// `("pool", fifobind::cli::Pool::command),` and
-/// `("master", fifobind::cli::Master::command),`.
 const COMMANDS: &[(&str, Definition)] = &[
     ("bind-input", fifobind::cli::BindInput::command),
     ("bind-output", fifobind::cli::BindOutput::command),
+    ("pool", fifobind::cli::Pool::command),
+    ("master", fifobind::cli::Master::command),
 ];
 
 /// The sections every page has, in this order; others (NOTES, BUGS) may

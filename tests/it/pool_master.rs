@@ -6,26 +6,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-/// A bash consumer as in pool(1): one reader per daemon, tagging lines.
-fn consumer(port: u16, key: &str) -> String {
-    format!(
-        r#"pool {key} {port} | while read -r name port fifo; do
-            echo "pool: $name $port $fifo"
-            while IFS= read -r line; do echo "[$name] $line"; done < "$fifo" &
-        done
-        wait"#
-    )
-}
-
-/// Waits for the pool's log line saying it listens.
-fn ready(pool: &Spawned) {
-    assert!(
-        pool.wait_stderr(PATIENCE, |s| s.contains("waiting for a master")),
-        "the pool did not start: {}",
-        pool.describe()
-    );
-}
-
 fn counted(name: &str, n: usize, pause: &str) -> String {
     format!("for i in $(seq 1 {n}); do echo \"{name} line $i\"; sleep {pause}; done")
 }
@@ -341,18 +321,7 @@ fn sigterm_to_pool_stops_its_bindings() {
         "{}",
         pool.describe()
     );
-    let binding_pid: i32 = {
-        let registry = std::fs::read_dir(&env.dir)
-            .unwrap()
-            .flatten()
-            .find(|e| {
-                e.file_name().to_string_lossy().starts_with(".pool@")
-                    && e.file_name().to_string_lossy().ends_with(".registry")
-            })
-            .expect("the pool's registry");
-        let text = std::fs::read_to_string(registry.path()).unwrap();
-        text.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
+    let binding_pid = env.registry("pool", pool.pid())[0].pid;
     kill(pool.pid(), libc::SIGTERM);
     let status = pool
         .wait(Duration::from_secs(5))

@@ -640,3 +640,342 @@ impl Drop for Spawned {
         let _ = self.child.wait();
     }
 }
+
+// ---------------------------------------------------------------------
+// Pools and masters.
+
+/// A bash consumer as in pool(1): one reader per daemon, tagging lines.
+pub fn consumer(port: u16, key: &str) -> String {
+    format!(
+        r#"pool {key} {port} | while read -r name port fifo; do
+            echo "pool: $name $port $fifo"
+            while IFS= read -r line; do echo "[$name] $line"; done < "$fifo" &
+        done
+        wait"#
+    )
+}
+
+/// Waits for the pool's log line saying it listens.
+pub fn ready(pool: &Spawned) {
+    assert!(
+        pool.wait_stderr(PATIENCE, |s| s.contains("waiting for a master")),
+        "the pool did not start: {}",
+        pool.describe()
+    );
+}
+
+/// One line of a pool's or master's registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegEntry {
+    /// `binding` or `daemon`.
+    pub kind: String,
+    pub pid: i32,
+    pub name: String,
+}
+
+impl Env {
+    /// The bookkeeping file `.OWNER@PID.SUFFIX` of a pool or master
+    /// (`owner` "pool" or "master").
+    pub fn owner_file(&self, owner: &str, pid: i32, suffix: &str) -> PathBuf {
+        self.dir.join(format!(".{owner}@{pid}.{suffix}"))
+    }
+
+    /// The entries of the registry of pool or master `pid` (none if the
+    /// file is gone).
+    pub fn registry(&self, owner: &str, pid: i32) -> Vec<RegEntry> {
+        let text = fs::read_to_string(self.owner_file(owner, pid, "registry")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                assert!(words.len() == 4, "registry line {line:?}");
+                RegEntry {
+                    kind: words[0].to_string(),
+                    pid: words[1].parse().unwrap(),
+                    name: words[3].to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// The files (and directories) in the runtime directory that belong
+    /// to pool or master `pid`: `.OWNER@PID.*`.
+    pub fn owner_files(&self, owner: &str, pid: i32) -> Vec<String> {
+        let prefix = format!(".{owner}@{pid}.");
+        let mut found: Vec<String> = fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with(&prefix) && !n.ends_with(".log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        found
+    }
+}
+
+// ---------------------------------------------------------------------
+// Processes.
+
+/// Fields of `/proc/PID/stat` after the command name: index 0 is the
+/// state, 1 the parent PID, 2 the process group.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(String::from).collect())
+}
+
+fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect()
+}
+
+/// The live (not zombie) children of `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let parent = pid.to_string();
+    all_pids()
+        .into_iter()
+        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(1) == Some(&parent)))
+        .collect()
+}
+
+/// The live members of process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let group = pgid.to_string();
+    all_pids()
+        .into_iter()
+        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(2) == Some(&group)))
+        .collect()
+}
+
+/// The one child of a pool or master that it did not register: its
+/// guardian (a fork of itself, so it has the same command line).
+pub fn guardian_of(owner: i32, registered: &[RegEntry]) -> i32 {
+    let theirs: Vec<i32> = children(owner)
+        .into_iter()
+        .filter(|c| !registered.iter().any(|e| e.pid == *c))
+        .collect();
+    assert_eq!(
+        theirs.len(),
+        1,
+        "children of {owner} besides {registered:?}"
+    );
+    let guardian = theirs[0];
+    assert_eq!(
+        fs::read(format!("/proc/{guardian}/cmdline")).unwrap(),
+        fs::read(format!("/proc/{owner}/cmdline")).unwrap(),
+        "the guardian is a fork of its owner"
+    );
+    guardian
+}
+
+/// The resident memory of a process, in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples a process's resident memory every few milliseconds, in a
+/// thread, and keeps the largest value seen.
+pub struct RssSampler {
+    max: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: i32) -> RssSampler {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let max = std::sync::Arc::new(AtomicU64::new(rss_kib(pid).expect("the process runs")));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (m, s) = (max.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib(pid) {
+                    m.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        RssSampler {
+            max,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The largest resident size seen so far, in KiB.
+    pub fn max_kib(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Stops sampling; returns the largest resident size seen, in KiB.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.max_kib()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits until `counter` has not moved for `quiet` (flow control holds its
+/// producer back), at most `limit`; returns its value then, or None if it
+/// kept moving.
+pub fn wait_stalled(
+    counter: &std::sync::atomic::AtomicU64,
+    quiet: Duration,
+    limit: Duration,
+) -> Option<u64> {
+    let deadline = Instant::now() + limit;
+    let mut last = counter.load(Ordering::SeqCst);
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = counter.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if last > 0 && since.elapsed() >= quiet {
+            return Some(last);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+    }
+}
+
+/// Reads a FIFO with big buffers, handing every chunk to `f`, until `f`
+/// returns false, end-of-file, or `limit` has passed. Returns the number
+/// of bytes read.
+pub fn read_chunks(fifo: &Path, limit: Duration, mut f: impl FnMut(&[u8]) -> bool) -> u64 {
+    let mut file = fs::File::open(fifo).expect("open FIFO");
+    let mut chunk = vec![0u8; 1 << 20];
+    let deadline = Instant::now() + limit;
+    let mut total = 0u64;
+    while Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        if pfd.revents == 0 {
+            continue;
+        }
+        let n = match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("read FIFO: {e}"),
+        };
+        total += n as u64;
+        if !f(&chunk[..n]) {
+            break;
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------------
+// The wire.
+
+/// A TCP relay on 127.0.0.1 that forwards every connection to
+/// 127.0.0.1:`to` and records what passes each way.
+pub struct Relay {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    down: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(to: u16) -> Relay {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let (listener, port) = listener();
+        listener.set_nonblocking(true).unwrap();
+        let up = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (u, d, s) = (up.clone(), down.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = TcpStream::connect(("127.0.0.1", to)).expect("relay: connect");
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (u, d) = (u.clone(), d.clone());
+                std::thread::spawn(move || pump(client, server, u));
+                std::thread::spawn(move || pump(s2, c2, d));
+            }
+        });
+        Relay {
+            port,
+            up,
+            down,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Everything the clients sent.
+    pub fn upstream(&self) -> Vec<u8> {
+        self.up.lock().unwrap().clone()
+    }
+
+    /// Everything the server sent back.
+    pub fn downstream(&self) -> Vec<u8> {
+        self.down.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies `from` to `to`, recording, until end-of-file; then passes the
+/// end on.
+fn pump(mut from: TcpStream, mut to: TcpStream, log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match from.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                log.lock().unwrap().extend_from_slice(&chunk[..n]);
+                if to.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,997 @@
+//! Hardening: faults, floods, hostile input, SIGKILL. Nothing lost,
+//! nothing left, no one let in.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// The most resident memory a binding may use, whatever it is sent.
+const RSS_LIMIT_KIB: u64 = 32 * 1024;
+
+// ---------------------------------------------------------------------
+// SIGKILL and crashes.
+
+/// SIGKILL to a pool while a master streams: its bindings see their
+/// watchdog pipe close and close properly within seconds (FIFOs removed,
+/// processes gone), the guardian removes the pool's registry and claim,
+/// and a new pool starts on the same port in the same runtime directory.
+#[test]
+fn pool_sigkill_closes_its_bindings() {
+    let env = Env::new();
+    let port = free_port();
+    let p = port.to_string();
+    let ticker = "i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done";
+    let ddir = env.daemons(&[("d1", ticker), ("d2", ticker)]);
+    let pool = env.spawn(Command::new(POOL).args(["k", &p]));
+    ready(&pool);
+    let mut master =
+        env.spawn(Command::new(MASTER).args(["k", "127.0.0.1", &p, ddir.to_str().unwrap()]));
+    for name in ["d1", "d2"] {
+        assert!(
+            pool.wait_stdout(PATIENCE, |s| s.contains(&format!("{name} "))),
+            "{}\n{}",
+            pool.describe(),
+            master.describe()
+        );
+        let got = read_lines(&env.fifo(name), 2);
+        assert!(got.len() >= 2 && got[0] == "tick 1", "{name}: {got:?}");
+    }
+    let bindings = env.registry("pool", pool.pid());
+    assert_eq!(bindings.len(), 2, "{bindings:?}");
+    let guardian = guardian_of(pool.pid(), &bindings);
+
+    let killed = Instant::now();
+    kill(pool.pid(), libc::SIGKILL);
+    let gone = wait_for(Duration::from_secs(5), || {
+        bindings.iter().all(|b| !alive(b.pid))
+            && !env.fifo("d1").exists()
+            && !env.fifo("d2").exists()
+            && env.owner_files("pool", pool.pid()).is_empty()
+            && !alive(guardian)
+    });
+    let took = killed.elapsed();
+    println!("pool SIGKILL: bindings, FIFOs, registry and claim gone after {took:?}");
+    assert!(
+        gone,
+        "5 s after SIGKILL: bindings alive {:?}, files {:?}\n{}",
+        bindings.iter().filter(|b| alive(b.pid)).collect::<Vec<_>>(),
+        env.leftovers(),
+        pool.describe()
+    );
+    // They closed properly: each logged why it stopped.
+    for b in &bindings {
+        let tag = format!("bind-input[{}]", b.pid);
+        assert!(
+            pool.stderr()
+                .lines()
+                .any(|l| l.contains(&tag) && l.contains("stopping:")),
+            "{tag} did not close properly:\n{}",
+            pool.describe()
+        );
+    }
+    // The master's bindings see the remote close; it stops its daemons.
+    let status = master.wait(PATIENCE).expect("master ends without its pool");
+    assert!(!status.success(), "{}", master.describe());
+
+    // A new pool, same runtime directory, same port.
+    let mut again = env.spawn(Command::new(POOL).args(["k", &p]));
+    ready(&again);
+    kill(again.pid(), libc::SIGTERM);
+    let status = again.wait(PATIENCE).expect("the new pool stops");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        again.describe()
+    );
+    env.assert_clean();
+}
+
+/// SIGKILL to a master while its endless daemons stream: the guardian
+/// stops the daemons with their children (one of them deaf to SIGTERM)
+/// and the master's bindings, and removes `.master@PID.*`; the pool sees
+/// its streams end and exits normally.
+#[test]
+fn master_sigkill_stops_daemons_their_children_and_bindings() {
+    let env = Env::new();
+    let port = free_port();
+    let body = "sleep 1000 & (trap '' TERM; exec sleep 1001) & \
+                while true; do echo tick; sleep 0.05; done";
+    let ddir = env.daemons(&[("d1", body), ("d2", body)]);
+    let mut pool = env.spawn_bash(&consumer(port, "k"));
+    ready(&pool);
+    let master = env.spawn(Command::new(MASTER).args([
+        "k",
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    assert!(
+        pool.wait_stdout(PATIENCE, |s| s.contains("[d1] tick")
+            && s.contains("[d2] tick")),
+        "{}\n{}",
+        pool.describe(),
+        master.describe()
+    );
+    let registered = env.registry("master", master.pid());
+    let daemons: Vec<&RegEntry> = registered.iter().filter(|e| e.kind == "daemon").collect();
+    assert_eq!(daemons.len(), 2, "{registered:?}");
+    assert_eq!(registered.len(), 4, "{registered:?}");
+    let mut doomed: Vec<i32> = registered.iter().map(|e| e.pid).collect();
+    for d in &daemons {
+        // The script and its two sleeps (and perhaps a passing sleep 0.05).
+        assert!(
+            wait_for(PATIENCE, || group_members(d.pid).len() >= 3),
+            "daemon {d:?}: group {:?}",
+            group_members(d.pid)
+        );
+        doomed.extend(group_members(d.pid));
+    }
+    let guardian = guardian_of(master.pid(), &registered);
+    let files = env.owner_files("master", master.pid());
+    assert!(files.len() >= 3, "{files:?}");
+
+    let killed = Instant::now();
+    kill(master.pid(), libc::SIGKILL);
+    let gone = wait_for(Duration::from_secs(5), || {
+        doomed.iter().all(|&p| !alive(p))
+            && daemons.iter().all(|d| group_members(d.pid).is_empty())
+            && env.owner_files("master", master.pid()).is_empty()
+            && !alive(guardian)
+    });
+    let took = killed.elapsed();
+    println!(
+        "master SIGKILL: daemons, their children, bindings and bookkeeping gone after {took:?}"
+    );
+    assert!(
+        gone,
+        "5 s after SIGKILL: alive {:?}, files {:?}",
+        doomed.iter().filter(|&&p| alive(p)).collect::<Vec<_>>(),
+        env.owner_files("master", master.pid())
+    );
+    // The pool's bindings saw their streams end and were read empty.
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    env.assert_clean();
+}
+
+/// SIGTERM to a master whose daemon has a child deaf to SIGTERM: after
+/// the grace period that child is killed too, although its daemon (the
+/// group's leader) is long gone.
+#[test]
+fn master_sigterm_kills_children_deaf_to_sigterm() {
+    let env = Env::new();
+    let port = free_port();
+    let body = "(trap '' TERM; exec sleep 1002) & while true; do echo tick; sleep 0.05; done";
+    let ddir = env.daemons(&[("deaf", body)]);
+    let mut pool = env.spawn_bash(&consumer(port, "k"));
+    ready(&pool);
+    let mut master = env.spawn(Command::new(MASTER).args([
+        "k",
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    assert!(
+        pool.wait_stdout(PATIENCE, |s| s.contains("[deaf] tick")),
+        "{}",
+        pool.describe()
+    );
+    let daemon = env
+        .registry("master", master.pid())
+        .into_iter()
+        .find(|e| e.kind == "daemon")
+        .expect("the daemon is registered");
+    assert!(wait_for(PATIENCE, || group_members(daemon.pid).len() >= 2));
+    let group = group_members(daemon.pid);
+    kill(master.pid(), libc::SIGTERM);
+    let status = master.wait(Duration::from_secs(5)).expect("master stops");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        master.describe()
+    );
+    let left: Vec<i32> = group.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(
+        left.is_empty(),
+        "the daemon's group outlived its master: {left:?}"
+    );
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    env.assert_clean();
+}
+
+/// A pool and a master SIGKILLed together with their guardians: their
+/// bindings close by themselves (watchdog), but registries (and the
+/// temporary of a registry being rewritten), claims, the master's session
+/// directory and its daemons (with their children) are left. The next
+/// pool in the same runtime directory reclaims them all.
+#[test]
+fn leftovers_of_dead_owners_are_reclaimed_by_the_next_pool() {
+    let env = Env::new();
+    let port = free_port();
+    let ddir = env.daemons(&[(
+        "q1",
+        "echo hello; sleep 1000 & while true; do sleep 0.1; done",
+    )]);
+    let pool = env.spawn(Command::new(POOL).args(["k", &port.to_string()]));
+    ready(&pool);
+    let master = env.spawn(Command::new(MASTER).args([
+        "k",
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    assert!(
+        pool.wait_stdout(PATIENCE, |s| s.contains("q1 ")),
+        "{}",
+        pool.describe()
+    );
+    // Nobody reads q1: its line keeps the pool's binding, and so the pool
+    // (which has had END), waiting.
+    assert!(wait_for(PATIENCE, || env
+        .registry("master", master.pid())
+        .iter()
+        .any(|e| e.kind == "daemon")));
+    let pool_reg = env.registry("pool", pool.pid());
+    let master_reg = env.registry("master", master.pid());
+    let daemon = master_reg
+        .iter()
+        .find(|e| e.kind == "daemon")
+        .expect("the daemon is registered")
+        .clone();
+    assert!(wait_for(PATIENCE, || group_members(daemon.pid).len() >= 2));
+    let pool_guardian = guardian_of(pool.pid(), &pool_reg);
+    let master_guardian = guardian_of(master.pid(), &master_reg);
+
+    // The master before the pool: a master that outlived its pool would
+    // see its binding end and stop the daemon itself.
+    for pid in [pool_guardian, master_guardian, master.pid(), pool.pid()] {
+        kill(pid, libc::SIGKILL);
+        assert!(wait_gone(pid, PATIENCE));
+    }
+    // The bindings notice by themselves; the daemons cannot.
+    for b in pool_reg
+        .iter()
+        .chain(&master_reg)
+        .filter(|e| e.kind == "binding")
+    {
+        assert!(wait_gone(b.pid, Duration::from_secs(5)), "binding {b:?}");
+    }
+    assert!(alive(daemon.pid), "the daemon should be orphaned, not dead");
+    // What a SIGKILL in the middle of rewriting the registry leaves too.
+    std::fs::write(
+        env.owner_file("master", master.pid(), "registry-new"),
+        "daemon 1 1 half-writ",
+    )
+    .unwrap();
+    let stale_pool = env.owner_files("pool", pool.pid());
+    let stale_master = env.owner_files("master", master.pid());
+    assert_eq!(stale_pool.len(), 2, "{stale_pool:?}");
+    assert_eq!(stale_master.len(), 4, "{stale_master:?}");
+    let orphans = group_members(daemon.pid);
+
+    let started = Instant::now();
+    let mut next = env.spawn(Command::new(POOL).args(["k", &free_port().to_string()]));
+    let reclaimed = wait_for(PATIENCE, || {
+        env.owner_files("pool", pool.pid()).is_empty()
+            && env.owner_files("master", master.pid()).is_empty()
+            && group_members(daemon.pid).is_empty()
+            && orphans.iter().all(|&p| !alive(p))
+    });
+    let took = started.elapsed();
+    println!(
+        "leftovers of a SIGKILLed pool and master reclaimed {took:?} after the next pool started"
+    );
+    assert!(
+        reclaimed,
+        "left: {:?}, processes {:?}\n{}",
+        env.leftovers(),
+        orphans.iter().filter(|&&p| alive(p)).collect::<Vec<_>>(),
+        next.describe()
+    );
+    assert!(took < Duration::from_secs(5), "reclaiming took {took:?}");
+    ready(&next);
+    for owner in [
+        format!("reclaiming pool@{}", pool.pid()),
+        format!("reclaiming master@{}", master.pid()),
+    ] {
+        assert!(next.stderr().contains(&owner), "{}", next.describe());
+    }
+    kill(next.pid(), libc::SIGTERM);
+    assert!(next.wait(PATIENCE).is_some());
+    env.assert_clean();
+}
+
+// ---------------------------------------------------------------------
+// Floods and slow peers.
+
+/// 4 KiB of printable bytes without a newline, the stuff test lines are
+/// cut from.
+fn pattern() -> &'static [u8] {
+    static PATTERN: OnceLock<Vec<u8>> = OnceLock::new();
+    PATTERN.get_or_init(|| {
+        (0..4096u32)
+            .map(|k| b'!' + ((k * 37 + k / 89) % 94) as u8)
+            .collect()
+    })
+}
+
+/// The length of flood line `i`, its newline included.
+fn flood_line_len(i: u64) -> usize {
+    10 + (i * 7919 % 1500) as usize
+}
+
+/// Appends flood line `i`: its number, then a slice of the pattern that
+/// depends on it, so a lost, repeated, reordered or damaged line shows.
+fn flood_line(i: u64, out: &mut Vec<u8>) {
+    let len = flood_line_len(i) - 10;
+    let off = (i * 131 % 2048) as usize;
+    write!(out, "{i:08x}:").unwrap();
+    out.extend_from_slice(&pattern()[off..off + len]);
+    out.push(b'\n');
+}
+
+/// Checks a stream of flood lines as it arrives.
+#[derive(Default)]
+struct FloodCheck {
+    next: u64,
+    pending: Vec<u8>,
+    expected: Vec<u8>,
+}
+
+impl FloodCheck {
+    fn feed(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+        let mut pos = 0;
+        while self.pending.len() - pos >= flood_line_len(self.next) {
+            self.expected.clear();
+            flood_line(self.next, &mut self.expected);
+            let got = &self.pending[pos..pos + self.expected.len()];
+            assert!(
+                got == &self.expected[..],
+                "line {} differs: got {:?}",
+                self.next,
+                String::from_utf8_lossy(&got[..got.len().min(60)])
+            );
+            pos += self.expected.len();
+            self.next += 1;
+        }
+        self.pending.drain(..pos);
+    }
+}
+
+/// 200 MB sent to a bind-input whose FIFO nobody reads: TCP flow control
+/// holds the sender back, the binding's memory stays small, and a reader
+/// that comes later gets every line intact and in order.
+#[test]
+fn flood_into_unread_fifo_is_held_back_and_delivered_intact() {
+    const TOTAL: u64 = 200_000_000;
+    let env = Env::new();
+    let port = free_port();
+    let pid = env.start(BIND_INPUT, &["flood", &port.to_string()]);
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while bytes < TOTAL {
+        bytes += flood_line_len(lines) as u64;
+        lines += 1;
+    }
+    let sampler = RssSampler::start(pid);
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let mut conn = connect(port);
+            let mut buf = Vec::with_capacity(300_000);
+            let mut i = 0;
+            while i < lines {
+                buf.clear();
+                while buf.len() < 256 * 1024 && i < lines {
+                    flood_line(i, &mut buf);
+                    i += 1;
+                }
+                conn.write_all(&buf).expect("send");
+                sent.fetch_add(buf.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    let held = wait_stalled(&sent, Duration::from_millis(500), PATIENCE)
+        .expect("the sender was never held back");
+    println!(
+        "flood: sender held back after {:.1} MB of {:.0} MB; binding RSS {} KiB",
+        held as f64 / 1e6,
+        TOTAL as f64 / 1e6,
+        sampler.max_kib()
+    );
+    assert!(held < TOTAL / 4, "{held} bytes went through with no reader");
+
+    let started = Instant::now();
+    let mut check = FloodCheck::default();
+    let read = read_chunks(&env.fifo("flood"), PATIENCE, |chunk| {
+        check.feed(chunk);
+        check.next < lines
+    });
+    sender.join().expect("the sender finished");
+    let max = sampler.finish();
+    println!(
+        "flood: {lines} lines, {bytes} bytes read back intact in {:?}; binding max RSS {max} KiB",
+        started.elapsed()
+    );
+    assert_eq!(check.next, lines, "lines read back");
+    assert_eq!(read, bytes, "bytes read back");
+    assert!(check.pending.is_empty());
+    assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
+/// Checks the 100 MB line of [`endless_line_is_passed_on_in_pieces`]
+/// and collects what comes after it.
+#[derive(Default)]
+struct LongCheck {
+    pos: u64,
+    tail: Vec<u8>,
+}
+
+impl LongCheck {
+    fn feed(&mut self, long: u64, chunk: &[u8]) {
+        let pattern = pattern();
+        let k = chunk.len().min((long - self.pos) as usize);
+        let mut i = 0;
+        while i < k {
+            let at = (self.pos % pattern.len() as u64) as usize;
+            let n = (pattern.len() - at).min(k - i);
+            if chunk[i..i + n] != pattern[at..at + n] {
+                let bad = (0..n).find(|&j| chunk[i + j] != pattern[at + j]).unwrap();
+                panic!(
+                    "the long line is damaged at byte {}: {:?}",
+                    self.pos + bad as u64,
+                    String::from_utf8_lossy(&chunk[i + bad..(i + bad + 40).min(chunk.len())])
+                );
+            }
+            i += n;
+            self.pos += n as u64;
+        }
+        self.tail.extend_from_slice(&chunk[k..]);
+    }
+}
+
+/// One 100 MB line without a newline. Past bind-input's 128 KiB buffer
+/// (LINE_BUFFER) a line is passed on in pieces as it arrives (bind-input(1),
+/// NOTES): a reader gets its start long before its end exists, memory stays
+/// bounded, it is delivered intact, a line another connection sends
+/// meanwhile waits until it is complete (never interleaved), and the
+/// binding goes on serving both connections.
+#[test]
+fn endless_line_is_passed_on_in_pieces() {
+    const LONG: u64 = 100_000_000;
+    let env = Env::new();
+    let port = free_port();
+    let pid = env.start(BIND_INPUT, &["long", &port.to_string()]);
+    let sampler = RssSampler::start(pid);
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (fifo, received) = (env.fifo("long"), received.clone());
+        std::thread::spawn(move || {
+            let mut check = LongCheck::default();
+            read_chunks(&fifo, PATIENCE, |chunk| {
+                check.feed(LONG, chunk);
+                received.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                check.tail.len() < "\nother line\nafter\n".len()
+            });
+            check
+        })
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let (go, wait_go) = mpsc::channel::<()>();
+    let sender = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let mut conn = connect(port);
+            // 64 periods of the pattern: every write starts at offset 0.
+            let block = pattern().repeat(64);
+            let mut off = 0u64;
+            while off < LONG {
+                if off >= LONG / 2 && off < LONG / 2 + block.len() as u64 {
+                    wait_go.recv_timeout(PATIENCE).expect("go on");
+                }
+                let n = block.len().min((LONG - off) as usize);
+                conn.write_all(&block[..n]).expect("send");
+                off += n as u64;
+                sent.store(off, Ordering::SeqCst);
+            }
+            conn.write_all(b"\nafter\n").expect("send");
+        })
+    };
+    // Half the line is out, and well over half of that already reached
+    // the reader: it is passed on in pieces, not held until its newline.
+    assert!(
+        wait_for(PATIENCE, || sent.load(Ordering::SeqCst) >= LONG / 2
+            && received.load(Ordering::SeqCst) >= LONG / 4),
+        "sent {} received {}",
+        sent.load(Ordering::SeqCst),
+        received.load(Ordering::SeqCst)
+    );
+    // Another connection's whole line, sent in the middle of it.
+    send(port, b"other line\n");
+    go.send(()).unwrap();
+    let check = reader.join().expect("the reader finished");
+    sender.join().expect("the sender finished");
+    let max = sampler.finish();
+    println!("endless line: {LONG} bytes passed on intact; binding max RSS {max} KiB");
+    assert_eq!(check.pos, LONG, "bytes of the long line");
+    let tail = String::from_utf8(check.tail).unwrap();
+    assert!(tail.starts_with('\n'), "the long line ends with {tail:?}");
+    let mut rest: Vec<&str> = tail[1..].lines().collect();
+    rest.sort();
+    assert_eq!(rest, ["after", "other line"]);
+    assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
+/// bind-output towards a remote that accepts but never reads: the writer
+/// is blocked by flow control (it stops making progress), the binding's
+/// memory stays small, SIGTERM still ends it within about a second, and
+/// the blocked writer is then released with EPIPE rather than hanging.
+#[test]
+fn output_to_a_remote_that_never_reads_blocks_the_writer() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    let pid = env.start(BIND_OUTPUT, &["stall", "127.0.0.1", &port.to_string()]);
+    let remote = accept(&listener); // never read
+    let sampler = RssSampler::start(pid);
+    let written = Arc::new(AtomicU64::new(0));
+    let (done, writer_done) = mpsc::channel();
+    {
+        let (fifo, written) = (env.fifo("stall"), written.clone());
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            let chunk = (String::from_utf8(pattern().to_vec()).unwrap() + "\n").repeat(16);
+            let outcome = loop {
+                match f.write(chunk.as_bytes()) {
+                    Ok(n) => {
+                        if written.fetch_add(n as u64, Ordering::SeqCst) > 1 << 30 {
+                            break None;
+                        }
+                    }
+                    Err(e) => break Some(e.kind()),
+                }
+            };
+            let _ = done.send(outcome);
+        });
+    }
+    let held = wait_stalled(&written, Duration::from_millis(500), PATIENCE)
+        .expect("the writer was never blocked");
+    let max = sampler.finish();
+    println!(
+        "stalled remote: writer blocked after {:.1} MB; binding max RSS {max} KiB",
+        held as f64 / 1e6
+    );
+    assert!(held < 100 << 20, "{held} bytes went into the FIFO");
+    assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
+
+    let signalled = Instant::now();
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    let took = signalled.elapsed();
+    println!("stalled remote: SIGTERM ended the binding in {took:?}");
+    assert!(took < Duration::from_millis(1500), "exit took {took:?}");
+    let outcome = writer_done
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the blocked writer is released");
+    assert_eq!(outcome, Some(std::io::ErrorKind::BrokenPipe));
+    drop(remote);
+    env.assert_clean();
+}
+
+// ---------------------------------------------------------------------
+// The pool's door.
+
+/// One line from `s`, without its newline, read byte by byte so nothing
+/// after it is taken; None at end-of-file, reset or after [`PATIENCE`].
+fn line_from(s: &mut TcpStream) -> Option<String> {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => return Some(String::from_utf8_lossy(&line).into()),
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+/// Everything `s` still sends, as lines, until it is closed (true) or
+/// `limit` has passed (false).
+fn rest_of(s: &mut TcpStream, limit: Duration) -> (Vec<String>, bool) {
+    let deadline = Instant::now() + limit;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break true,
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (text.lines().map(String::from).collect(), closed)
+}
+
+/// Connects to a pool and reads its challenge.
+fn knock(port: u16) -> (TcpStream, String) {
+    let mut s = connect(port);
+    let challenge = line_from(&mut s).expect("a challenge");
+    assert!(
+        challenge.starts_with("FIFOBIND 1 CHALLENGE "),
+        "the pool opened with {challenge:?}"
+    );
+    (s, challenge)
+}
+
+/// Sends `payload` after the challenge; returns the pool's one answer,
+/// asserting the connection is closed after it.
+fn door(port: u16, payload: &[u8]) -> String {
+    let (mut s, _) = knock(port);
+    // The pool may close before it read everything: a reset, not a hang.
+    let _ = s.write_all(payload);
+    let (lines, closed) = rest_of(&mut s, Duration::from_secs(5));
+    assert!(closed, "still open after {lines:?}");
+    assert_eq!(lines.len(), 1, "answered {lines:?}");
+    lines[0].clone()
+}
+
+/// A real master's AUTH line, captured by playing the pool to it.
+fn capture_auth(env: &Env, ddir: &Path, key: &str) -> String {
+    let (listener, port) = listener();
+    let mut master = env.spawn(Command::new(MASTER).args([
+        key,
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    let mut s = accept(&listener);
+    let challenge = format!("FIFOBIND 1 CHALLENGE {}\n", "5a".repeat(32));
+    s.write_all(challenge.as_bytes()).unwrap();
+    let auth = line_from(&mut s).expect("the master's AUTH");
+    drop(s);
+    let status = master.wait(PATIENCE).expect("the master gives up");
+    assert!(!status.success(), "{}", master.describe());
+    assert!(auth.starts_with("FIFOBIND 1 AUTH "), "{auth}");
+    auth
+}
+
+fn sorted(mut v: Vec<i32>) -> Vec<i32> {
+    v.sort();
+    v
+}
+
+/// Hostile clients at the pool's door, each on its own connection: every
+/// one gets an ERR line (or, silent, a timeout) and a closed connection.
+/// The pool never crashes and starts nothing for them; with 40 silent
+/// connections (more than its 16 handshakes) held open, a good master
+/// still gets through at once.
+#[test]
+fn pool_door_withstands_hostile_clients() {
+    let env = Env::new();
+    let port = free_port();
+    let p = port.to_string();
+    let ddir = env.daemons(&[("d1", "echo one; echo two")]);
+    let mut pool = env.spawn(Command::new(POOL).args(["--timeout", "3", "k7", &p]));
+    ready(&pool);
+    let guardian = guardian_of(pool.pid(), &[]);
+    // Silent, held open from the start.
+    let (mut idle, _) = knock(port);
+
+    let mut x: u32 = 0x2545_f491;
+    let random: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect();
+    let n = "ab".repeat(32);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", random),
+        (
+            "a 100 kB line",
+            [vec![b'A'; 100_000], b"\n".to_vec()].concat(),
+        ),
+        ("a NUL byte", format!("FIFOBIND 1 AUTH {n}\0 {n}\n").into()),
+        ("a bare CR", format!("FIFOBIND 1 AUTH {n}\r{n}\n").into()),
+        (
+            "a wrong version",
+            format!("FIFOBIND 2 AUTH {n} {n}\n").into(),
+        ),
+        ("an unknown command", b"HELLO pool\n".to_vec()),
+        ("DAEMON before AUTH", b"DAEMON d1\n".to_vec()),
+        ("an empty line", b"\n".to_vec()),
+    ];
+    for (what, payload) in &cases {
+        let reply = door(port, payload);
+        println!("pool door: {what}: {reply}");
+        assert!(reply.starts_with("ERR "), "{what}: answered {reply:?}");
+    }
+    let captured = capture_auth(&env, &ddir, "k7");
+    let reply = door(port, format!("{captured}\n").as_bytes());
+    println!("pool door: a replayed AUTH: {reply}");
+    assert_eq!(reply, "ERR authentication failed: wrong key");
+
+    // Still there, nothing started, nothing leaked.
+    assert!(alive(pool.pid()), "{}", pool.describe());
+    assert!(env.registry("pool", pool.pid()).is_empty());
+    let expected = sorted(vec![pool.pid(), guardian]);
+    assert!(
+        wait_for(PATIENCE, || sorted(env.processes()) == expected),
+        "processes {:?}, expected {expected:?}",
+        env.processes()
+    );
+    assert!(env.leftovers().iter().all(|f| f.starts_with(".pool@")));
+
+    // 40 silent connections at once, then one more, the youngest.
+    let mut flood: Vec<TcpStream> = (0..40).map(|_| connect(port)).collect();
+    let (mut late, _) = knock(port);
+    let late_since = Instant::now();
+    let started = Instant::now();
+    let out = env.run(MASTER, &["k7", "127.0.0.1", &p, ddir.to_str().unwrap()]);
+    let took = started.elapsed();
+    println!("pool door: the good master took {took:?} with 41 silent connections open");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        pool.describe()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the good master took {took:?}"
+    );
+    assert!(
+        pool.wait_stdout(PATIENCE, |s| s.contains("d1 ")),
+        "{}",
+        pool.describe()
+    );
+    let names: Vec<String> = env
+        .registry("pool", pool.pid())
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["d1"]);
+
+    // The youngest silent one times out: closed without an ERR line.
+    let (lines, closed) = rest_of(&mut late, PATIENCE);
+    let silent = late_since.elapsed();
+    println!("pool door: a silent connection was closed after {silent:?}");
+    assert!(closed && lines.is_empty(), "{lines:?}");
+    assert!(
+        silent > Duration::from_millis(2500),
+        "closed after {silent:?}"
+    );
+    // The others: a challenge, or turned away busy; then closed.
+    let mut busy = 0;
+    for s in flood.iter_mut().chain([&mut idle]) {
+        let (lines, closed) = rest_of(s, PATIENCE);
+        assert!(closed, "{lines:?}");
+        let refused = lines
+            .last()
+            .is_some_and(|l| l == "ERR busy: too many connections");
+        busy += refused as usize;
+        let challenged = lines
+            .first()
+            .is_some_and(|l| l.starts_with("FIFOBIND 1 CHALLENGE "));
+        assert!(
+            lines.len() == usize::from(challenged) + usize::from(refused)
+                && (challenged || refused),
+            "{lines:?}"
+        );
+    }
+    println!("pool door: {busy} of 41 silent connections turned away busy");
+    assert!(busy >= 41 - 16, "only {busy} turned away");
+
+    assert_eq!(read_lines(&env.fifo("d1"), 2), ["one", "two"]);
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    env.assert_clean();
+}
+
+/// A client that trickles a line a byte at a time cannot hold a handshake
+/// open: each line must arrive whole within --timeout.
+#[test]
+fn pool_door_times_out_a_trickled_line() {
+    let env = Env::new();
+    let port = free_port();
+    let mut pool = env.spawn(Command::new(POOL).args(["--timeout", "1.5", "k", &port.to_string()]));
+    ready(&pool);
+    let (mut s, _) = knock(port);
+    let since = Instant::now();
+    s.set_nonblocking(true).unwrap();
+    // One byte every 100 ms: each read comes well within the timeout, the
+    // line never does, and 512 bytes would take almost a minute.
+    let mut byte = [0u8; 1];
+    let mut closed = false;
+    while !closed && since.elapsed() < Duration::from_secs(6) {
+        closed = s.write_all(b"F").is_err()
+            || !matches!(s.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        if !closed {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&s),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the stack. Wakes early if it closes.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+        }
+    }
+    let took = since.elapsed();
+    println!("pool door: a trickled line was cut off after {took:?}");
+    assert!(closed, "still open after {took:?} of trickling");
+    assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    assert!(alive(pool.pid()));
+    kill(pool.pid(), libc::SIGTERM);
+    assert!(pool.wait(PATIENCE).is_some());
+    env.assert_clean();
+}
+
+/// The key never crosses the network: a relay between master and pool
+/// records the whole session; neither the key nor its hex is in it, while
+/// the exchange of pool(1) is.
+#[test]
+fn key_never_crosses_the_wire() {
+    let env = Env::new();
+    let port = free_port();
+    let key = "Quokka-7731-never-on-the-wire";
+    let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
+    let mut pool = env.spawn_bash(&consumer(port, key));
+    ready(&pool);
+    let relay = Relay::start(port);
+    let out = env.run(
+        MASTER,
+        &[
+            key,
+            "127.0.0.1",
+            &relay.port.to_string(),
+            ddir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        pool.describe()
+    );
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    let text = pool.stdout();
+    assert!(
+        text.contains("[d1] one") && text.contains("[d2] two"),
+        "{text}"
+    );
+
+    let (up, down) = (relay.upstream(), relay.downstream());
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    let wire = [up.clone(), down.clone()].concat();
+    for form in [key.to_string(), hex.clone(), hex.to_uppercase()] {
+        assert!(
+            !contains_bytes(&wire, form.as_bytes()),
+            "{form:?} went over the wire"
+        );
+    }
+    let up = String::from_utf8(up).unwrap();
+    let down = String::from_utf8(down).unwrap();
+    println!("on the wire, master to pool:\n{up}pool to master:\n{down}");
+    let word = |l: &str, n: usize| l.split(' ').take(n).collect::<Vec<_>>().join(" ");
+    let up: Vec<String> = up.lines().map(|l| word(l, 3)).collect();
+    let down: Vec<String> = down.lines().map(|l| word(l, 3)).collect();
+    assert_eq!(
+        up,
+        ["FIFOBIND 1 AUTH", "DAEMON d1", "DAEMON d2", "END"],
+        "master to pool"
+    );
+    assert_eq!(down.len(), 5, "{down:?}");
+    assert_eq!(down[0], "FIFOBIND 1 CHALLENGE");
+    assert!(down[1].starts_with("OK "), "{down:?}");
+    assert!(down[2].starts_with("PORT ") && down[3].starts_with("PORT "));
+    assert_eq!(down[4], "BYE");
+    env.assert_clean();
+}
+
+/// A pool's binding serves one connection, from the master's address
+/// only: a connection from elsewhere is closed unread and logged, and once
+/// the master's is served nobody else gets in.
+#[test]
+fn pool_binding_admits_only_the_master_once() {
+    let env = Env::new();
+    let port = free_port();
+    let mut pool = env.spawn(Command::new(POOL).args(["k9", &port.to_string()]));
+    ready(&pool);
+    // Play the master by hand (pool(1), PROTOCOL), so that the test, not a
+    // bind-output, makes the binding's connections.
+    let key = fifobind::args::Key::new(b"k9".to_vec()).unwrap();
+    let (mut conn, challenge) = knock(port);
+    let nonce = challenge.rsplit(' ').next().unwrap();
+    let cnonce = fifobind::protocol::nonce();
+    let mac = fifobind::protocol::mac(&key, "master", nonce, &cnonce);
+    conn.write_all(format!("FIFOBIND 1 AUTH {cnonce} {mac}\n").as_bytes())
+        .unwrap();
+    let proof = fifobind::protocol::mac(&key, "pool", nonce, &cnonce);
+    assert_eq!(line_from(&mut conn), Some(format!("OK {proof}")));
+    conn.write_all(b"DAEMON d1\n").unwrap();
+    let answer = line_from(&mut conn).expect("PORT");
+    let dport: u16 = answer.strip_prefix("PORT ").unwrap().parse().unwrap();
+    let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+    let to = SocketAddr::new(ip("127.0.0.1"), dport);
+
+    let mut intruder = connect_from(ip("127.0.0.2"), to).expect("the kernel accepts");
+    let _ = intruder.write_all(b"intruder\n");
+    assert!(wait_closed(&mut intruder, PATIENCE), "127.0.0.2 was let in");
+    assert!(
+        pool.wait_stderr(PATIENCE, |s| s
+            .lines()
+            .any(|l| l.contains("refused connection from 127.0.0.2:"))),
+        "{}",
+        pool.describe()
+    );
+
+    let mut data = connect_from(ip("127.0.0.1"), to).unwrap();
+    data.write_all(b"from the master\n").unwrap();
+    assert!(
+        pool.wait_stderr(PATIENCE, |s| s.contains("INFO: connection from")),
+        "{}",
+        pool.describe()
+    );
+    for from in ["127.0.0.1", "127.0.0.2"] {
+        let second = connect_from(ip(from), to);
+        assert!(
+            second
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "a second connection from {from}: {second:?}"
+        );
+    }
+    drop(data);
+    assert_eq!(read_lines(&env.fifo("d1"), 1), ["from the master"]);
+    conn.write_all(b"END\n").unwrap();
+    assert_eq!(line_from(&mut conn).as_deref(), Some("BYE"));
+    drop(conn);
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    env.assert_clean();
+}
