@@ -240,7 +240,7 @@ impl KeyArgs {
 fn port_range(s: &str) -> std::result::Result<(u16, u16), String> {
     let (low, high) = s
         .split_once('-')
-        .ok_or_else(|| "a port range is LOW-HIGH, e.g. 30000-39999".to_string())?;
+        .ok_or_else(|| "a port range is LOW-HIGH, e.g. 20000-32767".to_string())?;
     let low: Port = low.parse()?;
     let high: Port = high.parse()?;
     if low > high {
@@ -265,8 +265,9 @@ pub struct Pool {
     #[arg(short, long, value_name = "ADDR")]
     pub bind: Option<IpAddr>,
 
-    /// The ports the daemons' bindings are chosen from
-    #[arg(long, value_name = "LOW-HIGH", value_parser = port_range, default_value = "30000-39999")]
+    /// The ports the daemons' bindings are chosen from (the default stays
+    /// below the kernel's ephemeral range, 32768 and up)
+    #[arg(long, value_name = "LOW-HIGH", value_parser = port_range, default_value = "20000-32767")]
     pub ports: (u16, u16),
 
     /// Seconds a daemon's binding waits for the master's connection
