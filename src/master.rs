@@ -22,7 +22,6 @@ use nix::unistd::Pid;
 
 use crate::args::{Host, Id, Key, Port};
 use crate::binding::{IN, PollSet};
-use crate::claim::Claim;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::process::ProcessId;
@@ -121,17 +120,8 @@ pub fn run(opts: MasterOptions) -> Result<()> {
     let list = daemons(&ddir)?;
     let dir = RuntimeDir::open()?;
     sweep::sweep(&dir);
-    let name = format!("master@{}", std::process::id());
-    let claim_path = dir.dotfile(&name, "lock");
-    let mut claim = Claim::take(&claim_path).map_err(|_| {
-        Error::new(
-            ExitStatus::CantCreate,
-            format!("cannot claim {}", claim_path.display()),
-        )
-    })?;
-    claim
-        .record(ProcessId::current())
-        .map_err(|e| Error::io(format!("cannot write {}", claim_path.display()), &e))?;
+    let (name, claim) = supervise::claim_owner(&dir, "master")?;
+    let claim_path = claim.path().to_path_buf();
     let session_path = dir.dotfile(&name, "d");
     let registry_path = dir.dotfile(&name, "registry");
     let setup = (|| {

@@ -30,7 +30,6 @@ use crate::binding::{IN, PollSet};
 use crate::claim::Claim;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
-use crate::process::ProcessId;
 use crate::protocol::{self, Conn, Failure, Message};
 use crate::registry::{self, Entry, Kind, Registry};
 use crate::runtime_dir::RuntimeDir;
@@ -98,17 +97,8 @@ impl Shared {
 pub fn run(opts: PoolOptions) -> Result<()> {
     let dir = RuntimeDir::open()?;
     sweep::sweep(&dir);
-    let name = format!("pool@{}", std::process::id());
-    let claim_path = dir.dotfile(&name, "lock");
-    let mut claim = Claim::take(&claim_path).map_err(|_| {
-        Error::new(
-            ExitStatus::CantCreate,
-            format!("cannot claim {}", claim_path.display()),
-        )
-    })?;
-    claim
-        .record(ProcessId::current())
-        .map_err(|e| Error::io(format!("cannot write {}", claim_path.display()), &e))?;
+    let (name, claim) = supervise::claim_owner(&dir, "pool")?;
+    let claim_path = claim.path().to_path_buf();
     let registry_path = dir.dotfile(&name, "registry");
     let registry = match Registry::create(&registry_path) {
         Ok(r) => r,

@@ -23,10 +23,30 @@ use std::time::Duration;
 use nix::fcntl::OFlag;
 use nix::unistd::{ForkResult, fork, pipe2};
 
+use crate::claim::Claim;
 use crate::error::{Error, ExitStatus, Result};
 use crate::process::ProcessId;
 use crate::registry;
-use crate::runtime_dir::ENV_DIR;
+use crate::runtime_dir::{ENV_DIR, RuntimeDir};
+
+/// Claims `ROLE@PID` in `dir` for this process (a pool or a master) and
+/// returns that name, under which its registry and other bookkeeping go.
+/// The `@` keeps it apart from every binding's ID.
+pub fn claim_owner(dir: &RuntimeDir, role: &str) -> Result<(String, Claim)> {
+    let name = format!("{role}@{}", std::process::id());
+    let path = dir.dotfile(&name, "lock");
+    let mut claim = Claim::take(&path).map_err(|_| {
+        Error::new(
+            ExitStatus::CantCreate,
+            format!("cannot claim {}", path.display()),
+        )
+    })?;
+    if let Err(e) = claim.record(ProcessId::current()) {
+        claim.release();
+        return Err(Error::io(format!("cannot write {}", path.display()), &e));
+    }
+    Ok((name, claim))
+}
 
 /// The read end is handed to every binding; the write end never leaves
 /// this process.
