@@ -50,8 +50,10 @@ impl Binding {
             // open here would hang `pid=$(bind-input ... 3> >(cat))`.
             daemon::close_inherited(watchdog.as_ref().map(|w| w.as_raw_fd()));
         }
+        // Only our own name is reclaimed now (the claim does that); the
+        // rest of the directory is swept once we are ready, so a start
+        // does not pay for everything else the directory holds.
         let dir = RuntimeDir::open()?;
-        sweep::sweep(&dir);
         let claim = match Claim::take(&dir.dotfile(id.as_str(), "lock")) {
             Ok(claim) => claim,
             Err(Refused::Held(owner)) => {
@@ -87,6 +89,13 @@ impl Binding {
             fifo,
             watchdog,
         })
+    }
+
+    /// Tells the foreground the binding works, then sweeps the runtime
+    /// directory of what dead owners left (see [`sweep`]).
+    pub fn ready(&self, ready: &mut Ready) {
+        ready.notify();
+        sweep::sweep(&self.dir);
     }
 
     /// Removes the FIFO and the claim: nothing of the binding is left.

@@ -40,7 +40,7 @@ impl Claim {
     pub fn take(path: &Path) -> Result<Claim, Refused> {
         let deadline = Instant::now() + BUSY_RETRY;
         loop {
-            match Claim::take_now(path) {
+            match Claim::lock(path, true) {
                 Err(Refused::Held(owner))
                     if Instant::now() < deadline && !owner.is_some_and(|o| o.is_alive()) =>
                 {
@@ -51,8 +51,14 @@ impl Claim {
         }
     }
 
-    /// Takes the claim at `path` if it is free this instant.
+    /// Takes the claim at `path` if it is free this instant. A refusal
+    /// does not say who holds it (the sweep, which asks this of every
+    /// name, has no use for it).
     pub fn take_now(path: &Path) -> Result<Claim, Refused> {
+        Claim::lock(path, false)
+    }
+
+    fn lock(path: &Path, want_owner: bool) -> Result<Claim, Refused> {
         loop {
             let file = OpenOptions::new()
                 .read(true)
@@ -66,7 +72,12 @@ impl Claim {
             let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => lock,
                 Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                    return Err(Refused::Held(read_owner(&mut file)));
+                    let owner = if want_owner {
+                        read_owner(&mut file)
+                    } else {
+                        None
+                    };
+                    return Err(Refused::Held(owner));
                 }
                 Err((_, errno)) => return Err(Refused::Io(errno.into())),
             };

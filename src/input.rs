@@ -59,7 +59,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             opts.port,
             binding.fifo.path().display()
         );
-        ready.notify();
+        binding.ready(ready);
         let mut relay = Relay {
             binding,
             listener: Some(listener),

@@ -4,21 +4,23 @@
 //! The binding holds its FIFO open read-write, so writers may open and
 //! close it at will and it never sees end-of-file; it ends on a signal
 //! (after sending everything already in the FIFO), when its parent dies,
-//! or when the remote end closes. When the remote stops reading, the
-//! binding stops reading the FIFO and the writers block: memory stays at
-//! one buffer.
+//! or when the remote end closes. Bytes move from the FIFO to the socket
+//! with splice(2), without passing through the process: no buffer of
+//! ours, so when the remote stops reading, the FIFO fills and the writers
+//! block, and memory stays what it is.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Port};
 use crate::binding::{Binding, Common, IN, OUT, PollSet, Stop, TROUBLE};
-use crate::error::{Error, ExitStatus, Result, describe_io};
+use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 
-const BUFFER: usize = 128 * 1024;
+/// The most one splice(2) call moves: the FIFO's whole capacity.
+const CHUNK: usize = 1 << 20;
 /// How long a stopping binding may spend sending what is left: the spec
 /// asks for an exit within a second of the signal.
 const FLUSH_LIMIT: Duration = Duration::from_millis(900);
@@ -54,14 +56,12 @@ pub fn run(opts: OutputOptions) -> Result<()> {
             binding.id,
             binding.fifo.path().display()
         );
-        ready.notify();
+        binding.ready(ready);
         let mut relay = Relay {
             binding,
             stream,
-            buf: vec![0; BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
             peer,
+            socket_full: false,
         };
         relay.serve(stop)
     })
@@ -70,10 +70,9 @@ pub fn run(opts: OutputOptions) -> Result<()> {
 struct Relay<'a> {
     binding: &'a mut Binding,
     stream: TcpStream,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
     peer: String,
+    /// The last splice stopped because the socket could take no more.
+    socket_full: bool,
 }
 
 enum Step {
@@ -87,8 +86,10 @@ impl Relay<'_> {
         loop {
             set.clear();
             let stop_slots = stop.register(&mut set);
-            let fifo_slot = (self.end < BUFFER).then(|| set.add(self.binding.fifo.as_fd(), IN));
-            let sock_events = if self.start < self.end { IN | OUT } else { IN };
+            // Wait for data only when there is room to send it, for room
+            // only when there is data: never a busy loop.
+            let fifo_slot = (!self.socket_full).then(|| set.add(self.binding.fifo.as_fd(), IN));
+            let sock_events = if self.socket_full { IN | OUT } else { IN };
             let sock_slot = set.add(self.stream.as_fd(), sock_events);
             set.wait(None)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
@@ -103,64 +104,59 @@ impl Relay<'_> {
             {
                 return self.remote_closed();
             }
-            if let Some(slot) = fifo_slot
-                && set.revents(slot) & IN != 0
-            {
-                self.read_fifo()?;
+            if sock & OUT != 0 {
+                self.socket_full = false;
             }
-            if sock & OUT != 0
-                && let Step::RemoteClosed = self.send()
+            let fifo_ready = fifo_slot.is_some_and(|slot| set.revents(slot) & IN != 0);
+            if (fifo_ready || sock & OUT != 0)
+                && let Step::RemoteClosed = self.pump()?
             {
                 return self.remote_closed();
             }
         }
     }
 
-    fn read_fifo(&mut self) -> Result<usize> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        if self.end == BUFFER {
-            return Ok(0);
-        }
-        match self.binding.fifo.file().read(&mut self.buf[self.end..]) {
-            Ok(n) => {
-                self.end += n;
-                Ok(n)
+    /// Moves what the FIFO holds into the socket until one side stops.
+    fn pump(&mut self) -> Result<Step> {
+        let fifo = self.binding.fifo.file().as_raw_fd();
+        let sock = self.stream.as_raw_fd();
+        loop {
+            // SAFETY: splice between two descriptors we own; no memory of
+            // ours is involved.
+            let n = unsafe {
+                libc::splice(
+                    fifo,
+                    std::ptr::null_mut(),
+                    sock,
+                    std::ptr::null_mut(),
+                    CHUNK,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n > 0 {
+                continue;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(0)
+            // We hold the FIFO open for writing too: never end-of-file.
+            if n == 0 {
+                return Ok(Step::Continue);
             }
-            Err(e) => Err(Error::io(
-                format!("cannot read FIFO {}", self.binding.fifo.path().display()),
-                &e,
-            )),
-        }
-    }
-
-    fn send(&mut self) -> Step {
-        while self.start < self.end {
-            match self.stream.write(&self.buf[self.start..self.end]) {
-                Ok(n) => self.start += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("sending to {}: {}", self.peer, describe_io(&e));
-                    return Step::RemoteClosed;
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // Either the FIFO is empty or the socket is full; what is
+                // left in the FIFO says which.
+                Some(libc::EAGAIN) => {
+                    self.socket_full = self.binding.fifo.unread() > 0;
+                    return Ok(Step::Continue);
+                }
+                Some(libc::EINTR) => {}
+                Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN) => {
+                    return Ok(Step::RemoteClosed);
+                }
+                _ => {
+                    return Err(Error::io(format!("cannot send to {}", self.peer), &err));
                 }
             }
         }
-        // All sent: the whole buffer is free again. (Left full, the FIFO
-        // would never be polled again and the writers would hang.)
-        self.start = 0;
-        self.end = 0;
-        Step::Continue
     }
 
     /// Nothing is expected from the remote; reading tells us it closed.
@@ -178,7 +174,7 @@ impl Relay<'_> {
     }
 
     fn remote_closed(&mut self) -> Result<()> {
-        let lost = self.end - self.start + self.binding.fifo.unread();
+        let lost = self.binding.fifo.unread();
         let mut message = format!("{} closed the connection", self.peer);
         if lost > 0 {
             message.push_str(&format!(" ({lost} bytes not sent)"));
@@ -195,16 +191,15 @@ impl Relay<'_> {
         let deadline = Instant::now() + FLUSH_LIMIT;
         let mut set = PollSet::default();
         loop {
-            while self.end < BUFFER && self.read_fifo()? > 0 {}
-            if let Step::RemoteClosed = self.send() {
+            if let Step::RemoteClosed = self.pump()? {
                 return self.remote_closed();
             }
-            if self.start == self.end && self.binding.fifo.unread() == 0 {
+            if self.binding.fifo.unread() == 0 {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let lost = self.end - self.start + self.binding.fifo.unread();
+                let lost = self.binding.fifo.unread();
                 log::warn!("{} stopped reading: {lost} bytes not sent", self.peer);
                 break;
             }

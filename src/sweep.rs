@@ -5,6 +5,11 @@
 //! starts: a name whose claim lock is free has no live owner, so its FIFO,
 //! claim and registry go, and the processes its registry still names are
 //! stopped. Stale is never "in use".
+//!
+//! Pools and masters sweep before anything else. A binding reclaims its
+//! own name at once (through its claim) and sweeps the rest right after
+//! it has reported ready: `pid=$(bind-input ...)` does not wait for a
+//! sweep of a directory that may hold hundreds of other bindings.
 
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
@@ -18,7 +23,6 @@ use crate::runtime_dir::RuntimeDir;
 
 /// How long the processes of a dead owner get to close properly.
 const GRACE: Duration = Duration::from_secs(1);
-
 pub fn sweep(dir: &RuntimeDir) {
     let Ok(entries) = fs::read_dir(dir.path()) else {
         return;
