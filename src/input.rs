@@ -318,9 +318,15 @@ impl Relay<'_> {
             let Some(idx) = self.pick() else {
                 return Ok(());
             };
-            let room = capacity.saturating_sub(self.binding.fifo.unread());
             let conn = &mut self.conns[idx];
             let chunk = conn.writable();
+            // A write of at most PIPE_BUF bytes is all or nothing: no need
+            // to ask how much room the FIFO has.
+            let room = if chunk.len() <= libc::PIPE_BUF {
+                chunk.len()
+            } else {
+                capacity.saturating_sub(self.binding.fifo.unread())
+            };
             // Where the FIFO cannot take it all, stop at a line's end.
             let chunk = if chunk.len() > room {
                 match memchr::memrchr(b'\n', &chunk[..room]) {

@@ -133,8 +133,14 @@ impl Relay<'_> {
                     libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
                 )
             };
-            if n > 0 {
+            if n as usize == CHUNK {
                 continue;
+            }
+            // Less than asked: the FIFO ran dry or the socket filled up.
+            // Asking the FIFO which costs one call, another splice two.
+            if n > 0 {
+                self.socket_full = self.binding.fifo.unread() > 0;
+                return Ok(Step::Continue);
             }
             // We hold the FIFO open for writing too: never end-of-file.
             if n == 0 {
