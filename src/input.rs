@@ -7,7 +7,7 @@
 //! concurrent connections never interleave. When the FIFO is full, the
 //! binding stops reading the sockets whose buffers are full and TCP flow
 //! control holds the senders back: memory stays bounded by
-//! `MAX_CONNECTIONS × LINE_BUFFER`.
+//! `MAX_CONNECTIONS × LINE_BUFFER + MAX_GROWN × BULK_BUFFER`.
 
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -23,6 +23,13 @@ use crate::net;
 /// write(2). A longer line is passed on in pieces as it arrives, still
 /// intact and never interleaved with other lines.
 pub const LINE_BUFFER: usize = 128 * 1024;
+/// A connection whose reads keep filling its buffer (a bulk sender) gets
+/// a buffer this large, for fewer calls per byte; at most
+/// [`MAX_GROWN`] connections at once, so memory stays bounded.
+const BULK_BUFFER: usize = 1024 * 1024;
+const MAX_GROWN: usize = 8;
+/// Connections holding a bulk buffer now. The relay is one thread.
+static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 128;
 /// How often a finished `--once` binding looks whether its FIFO is empty.
@@ -79,7 +86,10 @@ struct Conn {
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
-    buf: Box<[u8]>,
+    /// Its size, one byte less than `buf` (kept for the newline that
+    /// completes a last line at end of stream).
+    cap: usize,
+    buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
@@ -94,9 +104,8 @@ impl Conn {
             token,
             stream,
             peer,
-            // One byte more than the buffer, for the newline that completes
-            // a last line at end of stream.
-            buf: vec![0; LINE_BUFFER + 1].into_boxed_slice(),
+            cap: LINE_BUFFER,
+            buf: vec![0; LINE_BUFFER + 1],
             start: 0,
             end: 0,
             eof: false,
@@ -105,18 +114,27 @@ impl Conn {
     }
 
     fn wants_input(&self) -> bool {
-        !self.eof && (self.end < LINE_BUFFER || self.start > 0)
+        !self.eof && (self.end < self.cap || self.start > 0)
     }
 
     fn fill(&mut self) -> io::Result<usize> {
-        if self.end == LINE_BUFFER && self.start > 0 {
+        if self.end == self.cap && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        self.stream
-            .read(&mut self.buf[self.end..LINE_BUFFER])
-            .inspect(|&n| self.end += n)
+        let n = self.stream.read(&mut self.buf[self.end..self.cap])?;
+        self.end += n;
+        if self.end == self.cap && self.cap < BULK_BUFFER {
+            use std::sync::atomic::Ordering;
+            if GROWN.fetch_add(1, Ordering::Relaxed) < MAX_GROWN {
+                self.cap = BULK_BUFFER;
+                self.buf.resize(BULK_BUFFER + 1, 0);
+            } else {
+                GROWN.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(n)
     }
 
     /// What may go into the FIFO now.
@@ -142,7 +160,7 @@ impl Conn {
                 self.end += 1;
                 pending + 1
             }
-            None if self.mid_line || pending == LINE_BUFFER => pending,
+            None if self.mid_line || pending == self.cap => pending,
             None => 0,
         };
         &self.buf[self.start..self.start + len]
@@ -160,6 +178,14 @@ impl Conn {
     /// Ended, and everything passed on, the closing newline included.
     fn finished(&self) -> bool {
         self.eof && self.start == self.end && !self.mid_line
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.cap == BULK_BUFFER {
+            GROWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
