@@ -617,34 +617,6 @@ fn line_from(s: &mut TcpStream) -> Option<String> {
     }
 }
 
-/// Everything `s` still sends, as lines, until it is closed (true) or
-/// `limit` has passed (false).
-fn rest_of(s: &mut TcpStream, limit: Duration) -> (Vec<String>, bool) {
-    let deadline = Instant::now() + limit;
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let closed = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break false;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut chunk) {
-            Ok(0) => break true,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break true,
-        }
-    };
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    (text.lines().map(String::from).collect(), closed)
-}
-
 /// Connects to a pool and reads its challenge.
 fn knock(port: u16) -> (TcpStream, String) {
     let mut s = connect(port);
@@ -662,7 +634,7 @@ fn door(port: u16, payload: &[u8]) -> String {
     let (mut s, _) = knock(port);
     // The pool may close before it read everything: a reset, not a hang.
     let _ = s.write_all(payload);
-    let (lines, closed) = rest_of(&mut s, Duration::from_secs(5));
+    let (lines, closed) = read_until_closed(&mut s, Duration::from_secs(5));
     assert!(closed, "still open after {lines:?}");
     assert_eq!(lines.len(), 1, "answered {lines:?}");
     lines[0].clone()
@@ -788,7 +760,7 @@ fn pool_door_withstands_hostile_clients() {
     assert_eq!(names, ["d1"]);
 
     // The youngest silent one times out: closed without an ERR line.
-    let (lines, closed) = rest_of(&mut late, PATIENCE);
+    let (lines, closed) = read_until_closed(&mut late, PATIENCE);
     let silent = late_since.elapsed();
     println!("pool door: a silent connection was closed after {silent:?}");
     assert!(closed && lines.is_empty(), "{lines:?}");
@@ -799,7 +771,7 @@ fn pool_door_withstands_hostile_clients() {
     // The others: a challenge, or turned away busy; then closed.
     let mut busy = 0;
     for s in flood.iter_mut().chain([&mut idle]) {
-        let (lines, closed) = rest_of(s, PATIENCE);
+        let (lines, closed) = read_until_closed(s, PATIENCE);
         assert!(closed, "{lines:?}");
         let refused = lines
             .last()

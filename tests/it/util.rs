@@ -469,29 +469,38 @@ pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> 
     Ok(socket.into())
 }
 
-/// Waits until the peer closed `stream` (end-of-file or reset), discarding
-/// whatever it sends; false if it is still open after `limit`.
-pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
+/// Everything `s` still sends, as lines, until the peer closes it
+/// (end-of-file or reset: true) or `limit` has passed (false).
+pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<String>, bool) {
     let deadline = Instant::now() + limit;
-    let mut sink = [0u8; 4096];
-    loop {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return false;
+            break false;
         }
-        stream.set_read_timeout(Some(left)).unwrap();
-        match stream.read(&mut sink) {
-            Ok(0) => return true,
-            Ok(_) => {}
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return true,
+            Err(_) => break true,
         }
-    }
+    };
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (text.lines().map(String::from).collect(), closed)
+}
+
+/// Waits until the peer closed `stream`, discarding whatever it sends;
+/// false if it is still open after `limit`.
+pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
+    read_until_closed(stream, limit).1
 }
 
 /// Whether a command can run in a fresh, empty network namespace
