@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::args::{Id, Port};
 use crate::binding::{Binding, Common, IN, OUT, PollSet, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
+use crate::framer::LineBuffer;
 use crate::net;
 
 /// A connection's buffer, and so the longest line delivered with a single
@@ -86,16 +87,7 @@ struct Conn {
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
-    /// Its size, one byte less than `buf` (kept for the newline that
-    /// completes a last line at end of stream).
-    cap: usize,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    eof: bool,
-    /// The last byte this connection put into the FIFO was not a newline:
-    /// it owns the FIFO until it finishes the line.
-    mid_line: bool,
+    lines: LineBuffer,
 }
 
 impl Conn {
@@ -104,86 +96,28 @@ impl Conn {
             token,
             stream,
             peer,
-            cap: LINE_BUFFER,
-            buf: vec![0; LINE_BUFFER + 1],
-            start: 0,
-            end: 0,
-            eof: false,
-            mid_line: false,
+            lines: LineBuffer::new(LINE_BUFFER),
         }
-    }
-
-    fn wants_input(&self) -> bool {
-        !self.eof && (self.end < self.cap || self.start > 0)
     }
 
     fn fill(&mut self) -> io::Result<usize> {
-        if self.end == self.cap && self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        let n = self.stream.read(&mut self.buf[self.end..self.cap])?;
-        self.end += n;
-        if self.end == self.cap && self.cap < BULK_BUFFER {
+        let n = self.stream.read(self.lines.space())?;
+        self.lines.filled(n);
+        if self.lines.is_full() && self.lines.capacity() < BULK_BUFFER {
             use std::sync::atomic::Ordering;
             if GROWN.fetch_add(1, Ordering::Relaxed) < MAX_GROWN {
-                self.cap = BULK_BUFFER;
-                self.buf.resize(BULK_BUFFER + 1, 0);
+                self.lines.grow(BULK_BUFFER);
             } else {
                 GROWN.fetch_sub(1, Ordering::Relaxed);
             }
         }
         Ok(n)
     }
-
-    /// What may go into the FIFO now.
-    fn writable(&mut self) -> &[u8] {
-        let pending = self.end - self.start;
-        if pending == 0 {
-            // A line longer than the buffer goes out in pieces as they
-            // arrive, so its end of stream usually comes with nothing
-            // left: it still needs its newline, or the next connection's
-            // line would be glued onto it.
-            if self.eof && self.mid_line {
-                self.buf[0] = b'\n';
-                self.start = 0;
-                self.end = 1;
-                return &self.buf[..1];
-            }
-            return &[];
-        }
-        let len = match memchr::memrchr(b'\n', &self.buf[self.start..self.end]) {
-            Some(i) => i + 1,
-            None if self.eof => {
-                self.buf[self.end] = b'\n';
-                self.end += 1;
-                pending + 1
-            }
-            None if self.mid_line || pending == self.cap => pending,
-            None => 0,
-        };
-        &self.buf[self.start..self.start + len]
-    }
-
-    fn consumed(&mut self, n: usize) {
-        self.mid_line = self.buf[self.start + n - 1] != b'\n';
-        self.start += n;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Ended, and everything passed on, the closing newline included.
-    fn finished(&self) -> bool {
-        self.eof && self.start == self.end && !self.mid_line
-    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if self.cap == BULK_BUFFER {
+        if self.lines.capacity() == BULK_BUFFER {
             GROWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -213,10 +147,10 @@ impl Relay<'_> {
                 self.write_pending()?;
             }
             self.conns.retain(|c| {
-                if c.finished() {
+                if c.lines.finished() {
                     log::info!("connection from {} ended", c.peer);
                 }
-                !c.finished()
+                !c.lines.finished()
             });
             let mut timeout = None;
             if self.opts.once {
@@ -254,7 +188,11 @@ impl Relay<'_> {
                 .then(|| set.add(self.binding.fifo.as_fd(), OUT));
             let mut conn_slots = Vec::with_capacity(self.conns.len());
             for conn in &self.conns {
-                conn_slots.push(conn.wants_input().then(|| set.add(conn.stream.as_fd(), IN)));
+                conn_slots.push(
+                    conn.lines
+                        .wants_input()
+                        .then(|| set.add(conn.stream.as_fd(), IN)),
+                );
             }
             set.wait(timeout)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
@@ -273,7 +211,7 @@ impl Relay<'_> {
                     && set.revents(slot) & (IN | TROUBLE) != 0
                 {
                     match conn.fill() {
-                        Ok(0) => conn.eof = true,
+                        Ok(0) => conn.lines.end_of_stream(),
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -283,7 +221,7 @@ impl Relay<'_> {
                                 conn.peer,
                                 crate::error::describe_io(&e)
                             );
-                            conn.eof = true;
+                            conn.lines.end_of_stream();
                         }
                     }
                 }
@@ -345,7 +283,7 @@ impl Relay<'_> {
                 return Ok(());
             };
             let conn = &mut self.conns[idx];
-            let chunk = conn.writable();
+            let chunk = conn.lines.writable();
             // A write of at most PIPE_BUF bytes is all or nothing: no need
             // to ask how much room the FIFO has.
             let room = if chunk.len() <= libc::PIPE_BUF {
@@ -364,8 +302,8 @@ impl Relay<'_> {
             };
             match nix::unistd::write(self.binding.fifo.file(), chunk) {
                 Ok(n) => {
-                    conn.consumed(n);
-                    self.owner = conn.mid_line.then_some(conn.token);
+                    conn.lines.consumed(n);
+                    self.owner = conn.lines.mid_line().then_some(conn.token);
                     self.turn = conn.token + 1;
                 }
                 Err(nix::errno::Errno::EAGAIN) => {
@@ -390,7 +328,7 @@ impl Relay<'_> {
     fn pick(&mut self) -> Option<usize> {
         if let Some(token) = self.owner {
             match self.conns.iter().position(|c| c.token == token) {
-                Some(idx) => return (!self.conns[idx].writable().is_empty()).then_some(idx),
+                Some(idx) => return (!self.conns[idx].lines.writable().is_empty()).then_some(idx),
                 None => self.owner = None,
             }
         }
@@ -406,6 +344,6 @@ impl Relay<'_> {
             .unwrap_or(0);
         (0..n)
             .map(|k| (first + k) % n)
-            .find(|&i| !self.conns[i].writable().is_empty())
+            .find(|&i| !self.conns[i].lines.writable().is_empty())
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod fifo;
+pub mod framer;
 pub mod input;
 pub mod logging;
 pub mod master;

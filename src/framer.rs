@@ -1,0 +1,215 @@
+//! Line framing for bind-input: which of a connection's bytes may go into
+//! the FIFO now.
+//!
+//! Only whole lines go out, so a reader never meets half a line; a line
+//! longer than the buffer goes out in pieces as it arrives (the relay
+//! then lets no other connection write until its newline); and a last
+//! line without a newline is completed when its stream ends. Kept apart
+//! from the sockets so it can be tested, and fuzzed, on its own.
+
+pub struct LineBuffer {
+    /// Its size; `buf` has one byte more, for the newline that completes
+    /// a last line at end of stream.
+    cap: usize,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// The last byte given out was not a newline: a line is half out.
+    mid_line: bool,
+}
+
+impl LineBuffer {
+    pub fn new(cap: usize) -> LineBuffer {
+        LineBuffer {
+            cap,
+            buf: vec![0; cap + 1],
+            start: 0,
+            end: 0,
+            eof: false,
+            mid_line: false,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Grows the buffer (never shrinks it).
+    pub fn grow(&mut self, cap: usize) {
+        if cap > self.cap {
+            self.cap = cap;
+            self.buf.resize(cap + 1, 0);
+        }
+    }
+
+    /// Whether more input can be taken now.
+    pub fn wants_input(&self) -> bool {
+        !self.eof && (self.end < self.cap || self.start > 0)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.end == self.cap
+    }
+
+    /// Where the next input goes; call [`LineBuffer::filled`] with how
+    /// much was put there.
+    pub fn space(&mut self) -> &mut [u8] {
+        if self.end == self.cap && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..self.cap]
+    }
+
+    pub fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// No more input: what is left is passed on, with a newline.
+    pub fn end_of_stream(&mut self) {
+        self.eof = true;
+    }
+
+    /// A line has been given out in part and not finished yet.
+    pub fn mid_line(&self) -> bool {
+        self.mid_line
+    }
+
+    /// What may be given out now (then say how much was, with
+    /// [`LineBuffer::consumed`]).
+    pub fn writable(&mut self) -> &[u8] {
+        let pending = self.end - self.start;
+        if pending == 0 {
+            // A line longer than the buffer went out in pieces, so its end
+            // of stream usually comes with nothing left: it still needs
+            // its newline, or the next connection's line would be glued
+            // onto it.
+            if self.eof && self.mid_line {
+                self.buf[0] = b'\n';
+                self.start = 0;
+                self.end = 1;
+                return &self.buf[..1];
+            }
+            return &[];
+        }
+        let len = match memchr::memrchr(b'\n', &self.buf[self.start..self.end]) {
+            Some(i) => i + 1,
+            None if self.eof => {
+                self.buf[self.end] = b'\n';
+                self.end += 1;
+                pending + 1
+            }
+            None if self.mid_line || pending == self.cap => pending,
+            None => 0,
+        };
+        &self.buf[self.start..self.start + len]
+    }
+
+    /// `n` bytes of what [`LineBuffer::writable`] offered were given out.
+    pub fn consumed(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.mid_line = self.buf[self.start + n - 1] != b'\n';
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Ended, and everything given out, the closing newline included.
+    pub fn finished(&self) -> bool {
+        self.eof && self.start == self.end && !self.mid_line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in chunks of the given sizes, gives out what is
+    /// writable in pieces of the given sizes (a FIFO taking less than
+    /// offered), and returns every piece given out.
+    fn run(cap: usize, input: &[u8], reads: &[usize], writes: &[usize]) -> Vec<Vec<u8>> {
+        let mut lb = LineBuffer::new(cap);
+        let mut fed = 0;
+        let mut out = Vec::new();
+        let (mut r, mut w) = (0, 0);
+        let mut rounds = 0;
+        while !lb.finished() {
+            rounds += 1;
+            assert!(rounds < 100_000, "no progress");
+            if fed < input.len() && lb.wants_input() {
+                let want = reads[r % reads.len()].max(1);
+                r += 1;
+                let space = lb.space();
+                let n = want.min(space.len()).min(input.len() - fed);
+                space[..n].copy_from_slice(&input[fed..fed + n]);
+                lb.filled(n);
+                fed += n;
+            } else if fed == input.len() && !lb.eof {
+                lb.end_of_stream();
+            }
+            let offer = lb.writable();
+            if !offer.is_empty() {
+                let n = writes[w % writes.len()].clamp(1, offer.len());
+                w += 1;
+                out.push(offer[..n].to_vec());
+                lb.consumed(n);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever the input and however it arrives and leaves: every
+        /// byte comes out once, in order, completed by a newline; and
+        /// whenever nothing is half out, what came out so far ends at a
+        /// line's end, unless a line was longer than the buffer.
+        #[test]
+        fn lines_come_out_whole_and_complete(
+            input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'x'), any::<u8>()], 0..3000),
+            cap in 1usize..300,
+            reads in proptest::collection::vec(1usize..400, 1..8),
+            writes in proptest::collection::vec(1usize..5000, 1..8),
+            greedy in any::<bool>(),
+        ) {
+            let writes = if greedy { vec![usize::MAX] } else { writes };
+            let pieces = run(cap, &input, &reads, &writes);
+            let got: Vec<u8> = pieces.concat();
+            let mut want = input.clone();
+            if want.last().is_some_and(|&b| b != b'\n') {
+                want.push(b'\n');
+            }
+            prop_assert_eq!(&got, &want);
+            let longest = input.split(|&b| b == b'\n').map(<[u8]>::len).max().unwrap_or(0);
+            // With a FIFO that takes whatever is offered, pieces end at
+            // line ends unless some line did not fit the buffer.
+            if greedy && longest < cap {
+                for piece in &pieces {
+                    prop_assert_eq!(piece.last(), Some(&b'\n'));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_line_waits_for_its_end() {
+        let mut lb = LineBuffer::new(16);
+        lb.space()[..5].copy_from_slice(b"ab\ncd");
+        lb.filled(5);
+        assert_eq!(lb.writable(), b"ab\n");
+        lb.consumed(3);
+        assert!(lb.writable().is_empty());
+        lb.end_of_stream();
+        assert_eq!(lb.writable(), b"cd\n");
+        lb.consumed(3);
+        assert!(lb.finished());
+    }
+}
