@@ -15,7 +15,7 @@ use crate::fifo::Fifo;
 use crate::logging;
 use crate::process::ProcessId;
 use crate::runtime_dir::RuntimeDir;
-use crate::signals::Signals;
+use crate::signals::{self, Signals};
 use crate::sweep;
 
 /// A claimed ID with its FIFO.
@@ -124,7 +124,7 @@ impl Binding {
                     .record(ProcessId::current())
                     .map_err(|e| Error::io("cannot record the claim", &e))?;
                 let stop = Stop {
-                    signals: Signals::block(false)?,
+                    signals: Signals::block(&[signals::DRAIN])?,
                     watchdog,
                 };
                 serve(&mut self, &stop, ready)
@@ -168,6 +168,8 @@ pub struct Stop {
 pub enum Reason {
     Signal(nix::sys::signal::Signal),
     ParentGone,
+    /// [`signals::DRAIN`]: the writer is done.
+    Drain,
 }
 
 impl std::fmt::Display for Reason {
@@ -175,6 +177,7 @@ impl std::fmt::Display for Reason {
         match self {
             Reason::Signal(sig) => write!(f, "{sig}"),
             Reason::ParentGone => f.write_str("its parent (pool or master) is gone"),
+            Reason::Drain => f.write_str("its writer is done (SIGUSR1)"),
         }
     }
 }
@@ -240,6 +243,9 @@ impl Stop {
         if set.revents(slots.0) != 0
             && let Some(sig) = self.signals.next()
         {
+            if sig == signals::DRAIN {
+                return Some(Reason::Drain);
+            }
             return Some(Reason::Signal(sig));
         }
         // The watchdog never carries data: any event is end-of-file.

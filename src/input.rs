@@ -15,7 +15,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Stop, TROUBLE};
+use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
 use crate::framer::LineBuffer;
 use crate::net;
@@ -197,9 +197,13 @@ impl Relay<'_> {
             set.wait(timeout)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
 
-            if let Some(reason) = stop.check(&set, stop_slots) {
-                log::info!("stopping: {reason}");
-                return Ok(());
+            match stop.check(&set, stop_slots) {
+                // Writers are bind-output's business; nothing to do here.
+                Some(Reason::Drain) | None => {}
+                Some(reason) => {
+                    log::info!("stopping: {reason}");
+                    return Ok(());
+                }
             }
             if let Some(slot) = fifo_slot
                 && set.revents(slot) != 0

@@ -28,7 +28,7 @@ use crate::process::ProcessId;
 use crate::protocol::{self, Conn, Failure, Message};
 use crate::registry::{Entry, Kind, Registry};
 use crate::runtime_dir::RuntimeDir;
-use crate::signals::Signals;
+use crate::signals::{self, Signals};
 use crate::supervise::{self, Watchdog};
 use crate::sweep;
 
@@ -103,7 +103,29 @@ struct Daemon {
     process: ProcessId,
     /// How it ended, once reaped.
     status: Option<std::process::ExitStatus>,
-    binding_done: bool,
+    /// After the daemon ended: when what it left in its group gets
+    /// SIGKILL; `None` once the group is empty.
+    group_deadline: Option<Instant>,
+    /// How its binding ended, once reaped.
+    binding_status: Option<std::process::ExitStatus>,
+}
+
+impl Daemon {
+    fn done(&self) -> bool {
+        self.status.is_some() && self.group_deadline.is_none() && self.binding_status.is_some()
+    }
+
+    /// Why it counts as failed, if it does.
+    fn failure(&self) -> Option<String> {
+        match (self.status, self.binding_status) {
+            (Some(s), _) if !s.success() => Some(format!("{} ({s})", self.name)),
+            (_, Some(b)) if !b.success() => Some(format!(
+                "{} (its output was not all delivered: binding {b})",
+                self.name
+            )),
+            _ => None,
+        }
+    }
 }
 
 struct Master {
@@ -138,7 +160,7 @@ pub fn run(opts: MasterOptions) -> Result<()> {
             return Err(e);
         }
     };
-    let signals = Signals::block(true)?;
+    let signals = Signals::block(&[Signal::SIGCHLD])?;
     let _guardian: OwnedFd = supervise::guardian(
         &registry_path,
         vec![session_path.clone(), claim_path.clone()],
@@ -162,6 +184,13 @@ impl Master {
     fn run(&mut self, signals: &Signals, list: &[(Id, PathBuf)], ddir: &Path) -> Result<()> {
         if let Err(e) = self.start_all(signals, list, ddir) {
             self.stop_all();
+            // A signal during a blocking step (connect, a read from the
+            // pool) is noticed once the step ends: it, not the step's
+            // failure, is why we stop.
+            if let Some(sig) = stop_signal(signals) {
+                log::info!("stopping on {sig}");
+                return Err(Error::new(ExitStatus::Signal(sig as i32), String::new()));
+            }
             return Err(e);
         }
         self.wait(signals)
@@ -331,7 +360,8 @@ impl Master {
             binding,
             process,
             status: None,
-            binding_done: false,
+            group_deadline: None,
+            binding_status: None,
         });
         Ok(())
     }
@@ -351,17 +381,8 @@ impl Master {
         let mut set = PollSet::default();
         loop {
             self.reap();
-            if self
-                .daemons
-                .iter()
-                .all(|d| d.status.is_some() && d.binding_done)
-            {
-                let failed: Vec<String> = self
-                    .daemons
-                    .iter()
-                    .filter(|d| !d.status.is_some_and(|s| s.success()))
-                    .map(|d| d.name.to_string())
-                    .collect();
+            if self.daemons.iter().all(Daemon::done) {
+                let failed: Vec<String> = self.daemons.iter().filter_map(Daemon::failure).collect();
                 if failed.is_empty() {
                     log::info!("every daemon exited 0");
                     return Ok(());
@@ -373,7 +394,11 @@ impl Master {
             }
             set.clear();
             set.add(signals.as_fd(), IN);
-            set.wait(None)
+            // A group left behind by its daemon sends no SIGCHLD when it
+            // empties: look again shortly.
+            let groups_pending = self.daemons.iter().any(|d| d.group_deadline.is_some());
+            let timeout = groups_pending.then_some(Duration::from_millis(20));
+            set.wait(timeout)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
             if let Some(sig) = stop_signal(signals) {
                 log::info!("stopping on {sig}");
@@ -391,20 +416,36 @@ impl Master {
                 let d = &mut self.daemons[i];
                 log::info!("daemon {} ended ({status})", d.name);
                 d.status = Some(status);
-                let _ = self.registry.remove(d.process.pid);
                 // What it left running in its group goes with it (the
                 // group outlives its leader while members remain, so its
-                // number cannot have been reused).
+                // number cannot have been reused); it stays in the
+                // registry until the group is empty.
                 let _ = nix::sys::signal::killpg(Pid::from_raw(d.process.pid), Signal::SIGTERM);
-                // Its output is complete: the binding sends the rest and
-                // closes.
-                if !d.binding_done {
-                    d.binding.signal(Signal::SIGTERM);
+                d.group_deadline = Some(Instant::now() + GRACE);
+                // Its output is complete: the binding sends all of it,
+                // however slowly the pool reads, and closes.
+                if d.binding_status.is_none() {
+                    d.binding.signal(signals::DRAIN);
                 }
             }
-            if !self.daemons[i].binding_done && reap_one(self.daemons[i].binding.pid).is_some() {
+            if let Some(deadline) = self.daemons[i].group_deadline {
                 let d = &mut self.daemons[i];
-                d.binding_done = true;
+                if !d.process.group_is_alive() {
+                    d.group_deadline = None;
+                    let _ = self.registry.remove(d.process.pid);
+                } else if Instant::now() > deadline {
+                    log::warn!(
+                        "what daemon {} left running ignored SIGTERM: killed",
+                        d.name
+                    );
+                    let _ = nix::sys::signal::killpg(Pid::from_raw(d.process.pid), Signal::SIGKILL);
+                }
+            }
+            if self.daemons[i].binding_status.is_none()
+                && let Some(status) = reap_one(self.daemons[i].binding.pid)
+            {
+                let d = &mut self.daemons[i];
+                d.binding_status = Some(status);
                 let _ = self.registry.remove(d.binding.pid);
                 if d.status.is_none() {
                     log::warn!(

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Stop, TROUBLE};
+use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 
@@ -94,9 +94,16 @@ impl Relay<'_> {
             set.wait(None)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
 
-            if let Some(reason) = stop.check(&set, stop_slots) {
-                log::info!("stopping: {reason}");
-                return self.flush_and_close();
+            match stop.check(&set, stop_slots) {
+                None => {}
+                Some(Reason::Drain) => {
+                    log::info!("draining: {}", Reason::Drain);
+                    return self.drain_and_close(stop);
+                }
+                Some(reason) => {
+                    log::info!("stopping: {reason}");
+                    return self.flush_and_close();
+                }
             }
             let sock = set.revents(sock_slot);
             if sock & (IN | TROUBLE) != 0
@@ -187,6 +194,42 @@ impl Relay<'_> {
         }
         // Reported once, as this binding's error (logged or printed).
         Err(Error::new(ExitStatus::Unavailable, message))
+    }
+
+    /// Sends everything the FIFO holds, as slowly as the remote reads (no
+    /// deadline: nothing may be lost), then closes the connection. A stop
+    /// signal or the parent's death meanwhile falls back to the
+    /// time-limited flush.
+    fn drain_and_close(&mut self, stop: &Stop) -> Result<()> {
+        self.binding.fifo.remove();
+        let mut set = PollSet::default();
+        loop {
+            if let Step::RemoteClosed = self.pump()? {
+                return self.remote_closed();
+            }
+            if self.binding.fifo.unread() == 0 {
+                break;
+            }
+            set.clear();
+            let stop_slots = stop.register(&mut set);
+            let sock_slot = set.add(self.stream.as_fd(), IN | OUT);
+            set.wait(None)
+                .map_err(|e| Error::io("cannot wait for events", &e))?;
+            match stop.check(&set, stop_slots) {
+                None | Some(Reason::Drain) => {}
+                Some(reason) => {
+                    log::info!("stopping: {reason}");
+                    return self.flush_and_close();
+                }
+            }
+            if set.revents(sock_slot) & (IN | TROUBLE) != 0
+                && let Step::RemoteClosed = self.discard_input()
+            {
+                return self.remote_closed();
+            }
+        }
+        let _ = self.stream.shutdown(Shutdown::Write);
+        Ok(())
     }
 
     /// Sends what the FIFO holds, then closes the connection.

@@ -114,7 +114,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         registry.delete();
         claim.release();
     };
-    let signals = Signals::block(true)?;
+    let signals = Signals::block(&[Signal::SIGCHLD])?;
     let _guardian: OwnedFd = supervise::guardian(&registry_path, vec![claim_path.clone()])?;
     let listener = match net::listen(opts.bind, opts.port) {
         Ok(l) => l,
@@ -318,10 +318,13 @@ fn serve(
         conn.refuse("busy: another master is being served");
         return Err("refused: another master is being served".into());
     }
-    conn.send(&Message::Ok {
+    if let Err(e) = conn.send(&Message::Ok {
         proof: protocol::mac(key, "pool", &nonce, &cnonce),
-    })
-    .map_err(|e| e.to_string())?;
+    }) {
+        // Nothing was started for it: the pool is free for the next one.
+        shared.session_taken.store(false, Ordering::SeqCst);
+        return Err(format!("master went away before the session: {e}"));
+    }
     log::info!("master {master} authenticated");
     let result = session(shared, &mut conn, master);
     shared.notify(b'E');

@@ -21,6 +21,9 @@ use crate::error::Result;
 
 /// The signals that close a command properly.
 pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
+/// Tells a binding its writer is done: send everything, however long it
+/// takes, then close (how a master ends a daemon's bind-output).
+pub const DRAIN: Signal = Signal::SIGUSR1;
 
 /// For `pre_exec`: gives a child the empty signal mask. `Command` leaves
 /// the parent's mask in place, and a daemon with SIGTERM blocked could
@@ -42,15 +45,13 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Blocks the stop signals (and SIGCHLD when `children`) and returns
-    /// the descriptor they are read from.
-    pub fn block(children: bool) -> Result<Signals> {
+    /// Blocks the stop signals and `extra` (SIGCHLD for a supervisor,
+    /// [`DRAIN`] for a binding) and returns the descriptor they are read
+    /// from.
+    pub fn block(extra: &[Signal]) -> Result<Signals> {
         let mut set = SigSet::empty();
-        for sig in STOP {
+        for &sig in STOP.iter().chain(extra) {
             set.add(sig);
-        }
-        if children {
-            set.add(Signal::SIGCHLD);
         }
         pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
         let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;

@@ -967,3 +967,211 @@ fn pool_binding_admits_only_the_master_once() {
     );
     env.assert_clean();
 }
+
+/// A finished daemon's output reaches a slowly reading pool whole, and
+/// master exits 0 (end to end; the regression is pinned by
+/// `drain_signal_waits_for_a_silent_remote`).
+#[test]
+fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
+    let env = Env::new();
+    let port = free_port();
+    // 8,000,000 bytes in lines of 99 'y' (the last of 8), newlines added.
+    let ddir = env.daemons(&[(
+        "burst",
+        "head -c 8000000 /dev/zero | tr '\\0' y | fold -w 99",
+    )]);
+    let want = 8_000_000 + 8_000_000_u64.div_ceil(99);
+    let mut pool = env.spawn(Command::new(POOL).args(["k", &port.to_string()]));
+    ready(&pool);
+    let mut master = env.spawn(Command::new(MASTER).args([
+        "k",
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    assert!(
+        pool.wait_stdout(PATIENCE, |s| s.contains("burst ")),
+        "{}",
+        pool.describe()
+    );
+    // About 2 MB/s: slower than the loopback can buffer in the time the
+    // old flush allowed. The pause limits the rate; nothing waits on it.
+    let mut fifo = std::fs::File::open(env.fifo("burst")).unwrap();
+    let mut got = 0u64;
+    let mut chunk = vec![0u8; 32 * 1024];
+    loop {
+        match fifo.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(chunk[..n].iter().all(|&b| b == b'y' || b == b'\n'));
+                got += n as u64;
+            }
+            Err(e) => panic!("reading the FIFO: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    assert_eq!(got, want, "{}\n{}", master.describe(), pool.describe());
+    let status = master.wait(PATIENCE).expect("master ends");
+    assert!(status.success(), "{}", master.describe());
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    env.assert_clean();
+}
+
+/// Regression: a signal while master waited on the pool (connect,
+/// handshake) was lost: master exited 75 when the step timed out. It now
+/// exits 128 + the signal.
+#[test]
+fn signal_during_the_handshake_is_the_exit_status() {
+    let env = Env::new();
+    let (silent_pool, port) = listener();
+    let ddir = env.daemons(&[("d", "echo hi")]);
+    let mut master = env.spawn(Command::new(MASTER).args([
+        "--timeout",
+        "1",
+        "k",
+        "127.0.0.1",
+        &port.to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    let _held = accept(&silent_pool);
+    kill(master.pid(), libc::SIGTERM);
+    let status = master.wait(PATIENCE).expect("master ends");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        master.describe()
+    );
+    env.assert_clean();
+}
+
+/// Regression: when a daemon exited by itself, a child it left behind that
+/// ignores SIGTERM outlived master, out of every registry. Master now
+/// waits for the daemon's group and kills what is left after a grace.
+#[test]
+fn finished_daemon_leaves_no_deaf_child_behind() {
+    let env = Env::new();
+    let port = free_port();
+    let ddir = env.daemons(&[(
+        "deaf",
+        "( trap '' TERM; while :; do sleep 0.1; done ) &\necho started",
+    )]);
+    let mut pool = env.spawn_bash(&consumer(port, "k"));
+    ready(&pool);
+    let out = env.run(
+        MASTER,
+        &["k", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        pool.wait(PATIENCE).is_some_and(|s| s.success()),
+        "{}",
+        pool.describe()
+    );
+    assert!(
+        pool.stdout().contains("[deaf] started"),
+        "{}",
+        pool.describe()
+    );
+    // Master has exited: nothing of its daemon may run any more.
+    let left = env.processes();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    env.assert_clean();
+}
+
+/// Regression: a master told its binding a daemon was done with SIGTERM,
+/// which allows 0.9 s to send what is left; a pool reading more slowly lost
+/// the end of the daemon's output. SIGUSR1 (what master now sends) drains
+/// the FIFO however long the remote takes.
+#[test]
+fn drain_signal_waits_for_a_silent_remote() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    // A small receive window (set before accept, so the connection
+    // inherits it) keeps the connection's share small: bytes stay in the
+    // FIFO.
+    {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 8192;
+        // SAFETY: setsockopt with a pointer to a local int.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+    let pid = env.start(BIND_OUTPUT, &["drain", "127.0.0.1", &port.to_string()]);
+    let mut remote = accept(&listener);
+    // Fill the FIFO and the connection, counting exactly what went in.
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (fifo, written, stop) = (env.fifo("drain"), written.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(fifo)
+                .unwrap();
+            let chunk = (String::from_utf8(pattern().to_vec()).unwrap() + "\n").repeat(16);
+            while !stop.load(Ordering::SeqCst) {
+                match f.write(chunk.as_bytes()) {
+                    Ok(n) => {
+                        written.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => panic!("writing the FIFO: {e}"),
+                }
+            }
+        })
+    };
+    wait_stalled(&written, Duration::from_millis(300), PATIENCE).expect("flow control");
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let total = written.load(Ordering::SeqCst);
+    // The test means something only if bytes wait in the FIFO itself,
+    // behind a full connection.
+    let unread = {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let peek = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(env.fifo("drain"))
+            .unwrap();
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(peek.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n
+    };
+    assert!(unread > 0, "the FIFO is empty: nothing to drain");
+    kill(pid, libc::SIGUSR1);
+    // The remote stays silent longer than a stop signal's flush may take.
+    // (It may close before the remote reads, once the kernel holds all.)
+    std::thread::sleep(Duration::from_millis(1500));
+    let (lines, closed) = read_until_closed(&mut remote, PATIENCE);
+    assert!(closed, "the binding did not close after draining");
+    // Lines of 4097 bytes; the writer may have stopped inside one, which
+    // then arrives as it was written (counted here with a newline).
+    let line = pattern().len() as u64 + 1;
+    let got: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
+    assert_eq!(got, total + u64::from(!total.is_multiple_of(line)), "{}", env.logs());
+    let whole = String::from_utf8(pattern().to_vec()).unwrap();
+    let (last, full) = lines.split_last().expect("something arrived");
+    assert!(full.iter().all(|l| *l == whole), "a line was torn");
+    assert!(whole.starts_with(last.as_str()));
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
