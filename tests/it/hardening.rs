@@ -1124,10 +1124,14 @@ fn drain_signal_waits_for_a_silent_remote() {
                 .open(fifo)
                 .unwrap();
             let chunk = (String::from_utf8(pattern().to_vec()).unwrap() + "\n").repeat(16);
+            // A partial write is continued where it stopped, so the stream
+            // is whole lines but for where the writer is told to stop.
+            let mut at = 0;
             while !stop.load(Ordering::SeqCst) {
-                match f.write(chunk.as_bytes()) {
+                match f.write(&chunk.as_bytes()[at..]) {
                     Ok(n) => {
                         written.fetch_add(n as u64, Ordering::SeqCst);
+                        at = (at + n) % chunk.len();
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(2));
@@ -1167,7 +1171,12 @@ fn drain_signal_waits_for_a_silent_remote() {
     // then arrives as it was written (counted here with a newline).
     let line = pattern().len() as u64 + 1;
     let got: u64 = lines.iter().map(|l| l.len() as u64 + 1).sum();
-    assert_eq!(got, total + u64::from(!total.is_multiple_of(line)), "{}", env.logs());
+    assert_eq!(
+        got,
+        total + u64::from(!total.is_multiple_of(line)),
+        "{}",
+        env.logs()
+    );
     let whole = String::from_utf8(pattern().to_vec()).unwrap();
     let (last, full) = lines.split_last().expect("something arrived");
     assert!(full.iter().all(|l| *l == whole), "a line was torn");
