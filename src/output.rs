@@ -98,11 +98,11 @@ impl Relay<'_> {
                 None => {}
                 Some(Reason::Drain) => {
                     log::info!("draining: {}", Reason::Drain);
-                    return self.drain_and_close(stop);
+                    return self.send_rest(Some(stop));
                 }
                 Some(reason) => {
                     log::info!("stopping: {reason}");
-                    return self.flush_and_close();
+                    return self.send_rest(None);
                 }
             }
             let sock = set.revents(sock_slot);
@@ -196,12 +196,17 @@ impl Relay<'_> {
         Err(Error::new(ExitStatus::Unavailable, message))
     }
 
-    /// Sends everything the FIFO holds, as slowly as the remote reads (no
-    /// deadline: nothing may be lost), then closes the connection. A stop
-    /// signal or the parent's death meanwhile falls back to the
-    /// time-limited flush.
-    fn drain_and_close(&mut self, stop: &Stop) -> Result<()> {
+    /// Sends what the FIFO holds, then closes the connection (a FIN after
+    /// the data; the kernel still delivers what it has queued). Draining
+    /// (`stop` given: the writer is done) there is no deadline, as slowly
+    /// as the remote reads, and a stop event meanwhile falls back to the
+    /// flush; flushing (after a stop event) it takes at most
+    /// [`FLUSH_LIMIT`], and what is left then is lost.
+    fn send_rest(&mut self, stop: Option<&Stop>) -> Result<()> {
+        // No new writer can open the FIFO now; the ones that have it open
+        // have written what they were going to write before the signal.
         self.binding.fifo.remove();
+        let deadline = stop.is_none().then(|| Instant::now() + FLUSH_LIMIT);
         let mut set = PollSet::default();
         loop {
             if let Step::RemoteClosed = self.pump()? {
@@ -210,16 +215,24 @@ impl Relay<'_> {
             if self.binding.fifo.unread() == 0 {
                 break;
             }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                let lost = self.binding.fifo.unread();
+                log::warn!("{} stopped reading: {lost} bytes not sent", self.peer);
+                break;
+            }
             set.clear();
-            let stop_slots = stop.register(&mut set);
+            let stop_slots = stop.map(|s| s.register(&mut set));
             let sock_slot = set.add(self.stream.as_fd(), IN | OUT);
-            set.wait(None)
+            set.wait(left)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
-            match stop.check(&set, stop_slots) {
-                None | Some(Reason::Drain) => {}
-                Some(reason) => {
-                    log::info!("stopping: {reason}");
-                    return self.flush_and_close();
+            if let (Some(stop), Some(slots)) = (stop, stop_slots) {
+                match stop.check(&set, slots) {
+                    None | Some(Reason::Drain) => {}
+                    Some(reason) => {
+                        log::info!("stopping: {reason}");
+                        return self.send_rest(None);
+                    }
                 }
             }
             if set.revents(sock_slot) & (IN | TROUBLE) != 0
@@ -228,36 +241,6 @@ impl Relay<'_> {
                 return self.remote_closed();
             }
         }
-        let _ = self.stream.shutdown(Shutdown::Write);
-        Ok(())
-    }
-
-    /// Sends what the FIFO holds, then closes the connection.
-    fn flush_and_close(&mut self) -> Result<()> {
-        // No new writer can open the FIFO now; the ones that have it open
-        // have written what they were going to write before the signal.
-        self.binding.fifo.remove();
-        let deadline = Instant::now() + FLUSH_LIMIT;
-        let mut set = PollSet::default();
-        loop {
-            if let Step::RemoteClosed = self.pump()? {
-                return self.remote_closed();
-            }
-            if self.binding.fifo.unread() == 0 {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let lost = self.binding.fifo.unread();
-                log::warn!("{} stopped reading: {lost} bytes not sent", self.peer);
-                break;
-            }
-            set.clear();
-            set.add(self.stream.as_fd(), OUT);
-            set.wait(Some(left))
-                .map_err(|e| Error::io("cannot wait for events", &e))?;
-        }
-        // FIN after the data; the kernel still delivers what is queued.
         let _ = self.stream.shutdown(Shutdown::Write);
         Ok(())
     }
