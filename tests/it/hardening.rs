@@ -156,11 +156,7 @@ fn master_sigkill_stops_daemons_their_children_and_bindings() {
         env.owner_files("master", master.pid())
     );
     // The pool's bindings saw their streams end and were read empty.
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -206,11 +202,7 @@ fn master_sigterm_kills_children_deaf_to_sigterm() {
         left.is_empty(),
         "the daemon's group outlived its master: {left:?}"
     );
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -790,11 +782,7 @@ fn pool_door_withstands_hostile_clients() {
     assert!(busy >= 41 - 16, "only {busy} turned away");
 
     assert_eq!(read_lines(&env.fifo("d1"), 2), ["one", "two"]);
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -863,11 +851,7 @@ fn key_never_crosses_the_wire() {
         describe(&out),
         pool.describe()
     );
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     let text = pool.stdout();
     assert!(
         text.contains("[d1] one") && text.contains("[d2] two"),
@@ -960,11 +944,7 @@ fn pool_binding_admits_only_the_master_once() {
     conn.write_all(b"END\n").unwrap();
     assert_eq!(line_from(&mut conn).as_deref(), Some("BYE"));
     drop(conn);
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -1013,11 +993,7 @@ fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
     assert_eq!(got, want, "{}\n{}", master.describe(), pool.describe());
     let status = master.wait(PATIENCE).expect("master ends");
     assert!(status.success(), "{}", master.describe());
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -1067,11 +1043,7 @@ fn finished_daemon_leaves_no_deaf_child_behind() {
         &["k", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
     );
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     assert!(
         pool.stdout().contains("[deaf] started"),
         "{}",

@@ -90,11 +90,7 @@ fn pool_announces_bindings_in_its_port_range() {
         let got = read_lines(&env.fifo(name), 1);
         assert_eq!(got.len(), 1);
     }
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     for line in pool.stdout().lines() {
         let words: Vec<&str> = line.split(' ').collect();
         assert_eq!(words.len(), 3, "{line}");
@@ -138,11 +134,7 @@ fn wrong_key_is_refused_then_right_key_served() {
         ],
     );
     assert!(good.status.success(), "{}", describe(&good));
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     assert!(pool.stdout().contains("[dem1] hi"), "{}", pool.describe());
     assert!(pool.stderr().contains("wrong key"), "{}", pool.describe());
     env.assert_clean();
@@ -174,11 +166,7 @@ fn key_from_file_and_environment() {
         ],
     );
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     assert!(pool.stdout().contains("[dem1] hi"));
     // `-` with no source of a key is a usage error.
     let none = env.run(
@@ -206,11 +194,7 @@ fn failing_daemon_makes_master_exit_1() {
         "{}",
         describe(&out)
     );
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     // The failing daemon's output still arrived.
     assert!(pool.stdout().contains("[bad] oops") && pool.stdout().contains("[good] fine"));
     env.assert_clean();
@@ -294,11 +278,7 @@ fn sigterm_to_master_stops_daemons_with_their_children() {
         master.describe()
     );
     // The pool's bindings see their streams end and close.
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     env.assert_clean();
 }
 
@@ -383,11 +363,7 @@ fn two_hosts_in_network_namespaces() {
         describe(&out),
         pool.describe()
     );
-    assert!(
-        pool.wait(PATIENCE).is_some_and(|s| s.success()),
-        "{}",
-        pool.describe()
-    );
+    pool.assert_ends_ok();
     let text = pool.stdout();
     for name in ["dem1", "dem2"] {
         for i in 1..=3 {

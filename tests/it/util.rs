@@ -629,6 +629,16 @@ impl Spawned {
         Some(status)
     }
 
+    /// Asserts that it ends, with status 0, within [`PATIENCE`].
+    pub fn assert_ends_ok(&mut self) {
+        let status = self.wait(PATIENCE);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{status:?}\n{}",
+            self.describe()
+        );
+    }
+
     /// Waits until its stdout satisfies `cond`.
     pub fn wait_stdout(&self, limit: Duration, cond: impl Fn(&str) -> bool) -> bool {
         wait_for(limit, || cond(&self.stdout()))
