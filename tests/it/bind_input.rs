@@ -70,17 +70,7 @@ fn bad_arguments_are_refused_before_anything_is_created() {
         (&["--allow", "nowhere", "in1", p], "nowhere"),
         (&["--no-such-option", "in1", p], "--no-such-option"),
     ];
-    for (args, needle) in cases {
-        let out = env.run(BIND_INPUT, args);
-        assert_fails(&out, 2, needle);
-        assert!(!env.dir.exists(), "{args:?} created {}", env.dir.display());
-    }
-    for flag in ["--help", "--version"] {
-        let out = env.run(BIND_INPUT, &[flag]);
-        assert_eq!(out.status.code(), Some(0), "{flag}: {}", describe(&out));
-        assert!(!out.stdout.is_empty(), "{flag} printed nothing");
-        assert!(!env.dir.exists(), "{flag} created the runtime directory");
-    }
+    env.assert_usage_errors(BIND_INPUT, cases);
     env.assert_clean();
 }
 

@@ -40,17 +40,7 @@ fn bad_arguments_are_refused_before_anything_is_created() {
         (&["-t", "0", "out1", h, p], "--connect-timeout"),
         (&["-t", "soon", "out1", h, p], "soon"),
     ];
-    for (args, needle) in cases {
-        let out = env.run(BIND_OUTPUT, args);
-        assert_fails(&out, 2, needle);
-        assert!(!env.dir.exists(), "{args:?} created {}", env.dir.display());
-    }
-    for flag in ["--help", "--version"] {
-        let out = env.run(BIND_OUTPUT, &[flag]);
-        assert_eq!(out.status.code(), Some(0), "{flag}: {}", describe(&out));
-        assert!(!out.stdout.is_empty(), "{flag} printed nothing");
-        assert!(!env.dir.exists(), "{flag} created the runtime directory");
-    }
+    env.assert_usage_errors(BIND_OUTPUT, cases);
     env.assert_clean();
 }
 

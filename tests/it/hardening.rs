@@ -83,13 +83,7 @@ fn pool_sigkill_closes_its_bindings() {
     let mut again = env.spawn(Command::new(POOL).args(["k", &p]));
     ready(&again);
     kill(again.pid(), libc::SIGTERM);
-    let status = again.wait(PATIENCE).expect("the new pool stops");
-    assert_eq!(
-        status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        again.describe()
-    );
+    again.assert_stopped_by(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -1015,13 +1009,7 @@ fn signal_during_the_handshake_is_the_exit_status() {
     ]));
     let _held = accept(&silent_pool);
     kill(master.pid(), libc::SIGTERM);
-    let status = master.wait(PATIENCE).expect("master ends");
-    assert_eq!(
-        status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        master.describe()
-    );
+    master.assert_stopped_by(libc::SIGTERM);
     env.assert_clean();
 }
 

@@ -412,6 +412,29 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+impl Env {
+    /// Runs `program` with each bad command line of `cases`: each must be
+    /// refused with status 2 and one line naming its needle, creating
+    /// nothing; `--help` and `--version` must print and exit 0.
+    pub fn assert_usage_errors(&self, program: &str, cases: &[(&[&str], &str)]) {
+        for (args, needle) in cases {
+            let out = self.run(program, args);
+            assert_fails(&out, 2, needle);
+            assert!(
+                !self.dir.exists(),
+                "{args:?} created {}",
+                self.dir.display()
+            );
+        }
+        for flag in ["--help", "--version"] {
+            let out = self.run(program, &[flag]);
+            assert_eq!(out.status.code(), Some(0), "{flag}: {}", describe(&out));
+            assert!(!out.stdout.is_empty(), "{flag} printed nothing");
+            assert!(!self.dir.exists(), "{flag} created the runtime directory");
+        }
+    }
+}
+
 /// Asserts a command failed the documented way: exit `code`, nothing on
 /// stdout, exactly one line on stderr, and that line mentions `needle`.
 pub fn assert_fails(out: &Output, code: i32, needle: &str) {
@@ -627,6 +650,13 @@ impl Spawned {
             self.readers.iter().all(|r| r.is_finished())
         });
         Some(status)
+    }
+
+    /// Asserts that it ends within [`PATIENCE`] with status 128 + `sig`,
+    /// as pool and master do when a signal stops them.
+    pub fn assert_stopped_by(&mut self, sig: i32) {
+        let status = self.wait(PATIENCE).expect("it ends");
+        assert_eq!(status.code(), Some(128 + sig), "{}", self.describe());
     }
 
     /// Asserts that it ends, with status 0, within [`PATIENCE`].
