@@ -28,10 +28,8 @@ fn pool_sigkill_closes_its_bindings() {
     let p = port.to_string();
     let ticker = "i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done";
     let ddir = env.daemons(&[("d1", ticker), ("d2", ticker)]);
-    let pool = env.spawn(Command::new(POOL).args(["k", &p]));
-    ready(&pool);
-    let mut master =
-        env.spawn(Command::new(MASTER).args(["k", "127.0.0.1", &p, ddir.to_str().unwrap()]));
+    let pool = env.pool(&["k", &p]);
+    let mut master = env.spawn_master("k", &p, &ddir);
     for name in ["d1", "d2"] {
         assert!(
             pool.wait_stdout(PATIENCE, |s| s.contains(&format!("{name} "))),
@@ -80,8 +78,7 @@ fn pool_sigkill_closes_its_bindings() {
     assert!(!status.success(), "{}", master.describe());
 
     // A new pool, same runtime directory, same port.
-    let mut again = env.spawn(Command::new(POOL).args(["k", &p]));
-    ready(&again);
+    let mut again = env.pool(&["k", &p]);
     kill(again.pid(), libc::SIGTERM);
     again.assert_stopped_by(libc::SIGTERM);
     env.assert_clean();
@@ -100,12 +97,7 @@ fn master_sigkill_stops_daemons_their_children_and_bindings() {
     let ddir = env.daemons(&[("d1", body), ("d2", body)]);
     let mut pool = env.spawn_bash(&consumer(port, "k"));
     ready(&pool);
-    let master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("[d1] tick")
             && s.contains("[d2] tick")),
@@ -165,12 +157,7 @@ fn master_sigterm_kills_children_deaf_to_sigterm() {
     let ddir = env.daemons(&[("deaf", body)]);
     let mut pool = env.spawn_bash(&consumer(port, "k"));
     ready(&pool);
-    let mut master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let mut master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("[deaf] tick")),
         "{}",
@@ -213,14 +200,8 @@ fn leftovers_of_dead_owners_are_reclaimed_by_the_next_pool() {
         "q1",
         "echo hello; sleep 1000 & while true; do sleep 0.1; done",
     )]);
-    let pool = env.spawn(Command::new(POOL).args(["k", &port.to_string()]));
-    ready(&pool);
-    let master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let pool = env.pool(&["k", &port.to_string()]);
+    let master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("q1 ")),
         "{}",
@@ -629,12 +610,7 @@ fn door(port: u16, payload: &[u8]) -> String {
 /// A real master's AUTH line, captured by playing the pool to it.
 fn capture_auth(env: &Env, ddir: &Path, key: &str) -> String {
     let (listener, port) = listener();
-    let mut master = env.spawn(Command::new(MASTER).args([
-        key,
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let mut master = env.spawn_master(key, port, ddir);
     let mut s = accept(&listener);
     let challenge = format!("FIFOBIND 1 CHALLENGE {}\n", "5a".repeat(32));
     s.write_all(challenge.as_bytes()).unwrap();
@@ -662,8 +638,7 @@ fn pool_door_withstands_hostile_clients() {
     let port = free_port();
     let p = port.to_string();
     let ddir = env.daemons(&[("d1", "echo one; echo two")]);
-    let mut pool = env.spawn(Command::new(POOL).args(["--timeout", "3", "k7", &p]));
-    ready(&pool);
+    let mut pool = env.pool(&["--timeout", "3", "k7", &p]);
     let guardian = guardian_of(pool.pid(), &[]);
     // Silent, held open from the start.
     let (mut idle, _) = knock(port);
@@ -720,7 +695,7 @@ fn pool_door_withstands_hostile_clients() {
     let (mut late, _) = knock(port);
     let late_since = Instant::now();
     let started = Instant::now();
-    let out = env.run(MASTER, &["k7", "127.0.0.1", &p, ddir.to_str().unwrap()]);
+    let out = env.run_master("k7", &p, &ddir);
     let took = started.elapsed();
     println!("pool door: the good master took {took:?} with 41 silent connections open");
     assert!(
@@ -786,8 +761,7 @@ fn pool_door_withstands_hostile_clients() {
 fn pool_door_times_out_a_trickled_line() {
     let env = Env::new();
     let port = free_port();
-    let mut pool = env.spawn(Command::new(POOL).args(["--timeout", "1.5", "k", &port.to_string()]));
-    ready(&pool);
+    let mut pool = env.pool(&["--timeout", "1.5", "k", &port.to_string()]);
     let (mut s, _) = knock(port);
     let since = Instant::now();
     s.set_nonblocking(true).unwrap();
@@ -887,8 +861,7 @@ fn key_never_crosses_the_wire() {
 fn pool_binding_admits_only_the_master_once() {
     let env = Env::new();
     let port = free_port();
-    let mut pool = env.spawn(Command::new(POOL).args(["k9", &port.to_string()]));
-    ready(&pool);
+    let mut pool = env.pool(&["k9", &port.to_string()]);
     // Play the master by hand (pool(1), PROTOCOL), so that the test, not a
     // bind-output, makes the binding's connections.
     let key = fifobind::args::Key::new(b"k9".to_vec()).unwrap();
@@ -955,14 +928,8 @@ fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
         "head -c 8000000 /dev/zero | tr '\\0' y | fold -w 99",
     )]);
     let want = 8_000_000 + 8_000_000_u64.div_ceil(99);
-    let mut pool = env.spawn(Command::new(POOL).args(["k", &port.to_string()]));
-    ready(&pool);
-    let mut master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let mut pool = env.pool(&["k", &port.to_string()]);
+    let mut master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("burst ")),
         "{}",
@@ -1026,10 +993,7 @@ fn finished_daemon_leaves_no_deaf_child_behind() {
     )]);
     let mut pool = env.spawn_bash(&consumer(port, "k"));
     ready(&pool);
-    let out = env.run(
-        MASTER,
-        &["k", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
-    );
+    let out = env.run_master("k", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
     pool.assert_ends_ok();
     assert!(
@@ -1054,21 +1018,7 @@ fn drain_signal_waits_for_a_silent_remote() {
     // A small receive window (set before accept, so the connection
     // inherits it) keeps the connection's share small: bytes stay in the
     // FIFO.
-    {
-        use std::os::fd::AsRawFd;
-        let size: libc::c_int = 8192;
-        // SAFETY: setsockopt with a pointer to a local int.
-        let rc = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
-    }
+    small_receive_window(&listener);
     let pid = env.start(BIND_OUTPUT, &["drain", "127.0.0.1", &port.to_string()]);
     let mut remote = accept(&listener);
     // Fill the FIFO and the connection, counting exactly what went in.

@@ -72,13 +72,8 @@ fn pool_announces_bindings_in_its_port_range() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("a", "echo one"), ("b", "echo two")]);
-    let mut pool =
-        env.spawn(Command::new(POOL).args(["--ports", "41000-41999", "k", &port.to_string()]));
-    ready(&pool);
-    let out = env.run(
-        MASTER,
-        &["k", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
-    );
+    let mut pool = env.pool(&["--ports", "41000-41999", "k", &port.to_string()]);
+    let out = env.run_master("k", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
     // Nobody reads the FIFOs here: read them so the bindings can finish.
     for name in ["a", "b"] {
@@ -108,15 +103,7 @@ fn wrong_key_is_refused_then_right_key_served() {
     let ddir = env.daemons(&[("dem1", "echo hi")]);
     let mut pool = env.spawn_bash(&consumer(port, "k12"));
     ready(&pool);
-    let bad = env.run(
-        MASTER,
-        &[
-            "nope",
-            "127.0.0.1",
-            &port.to_string(),
-            ddir.to_str().unwrap(),
-        ],
-    );
+    let bad = env.run_master("nope", port, &ddir);
     assert_eq!(bad.status.code(), Some(77), "{}", describe(&bad));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("refused") && err.contains("key"), "{err}");
@@ -124,15 +111,7 @@ fn wrong_key_is_refused_then_right_key_served() {
         pool.wait(Duration::from_millis(200)).is_none(),
         "the pool must keep waiting"
     );
-    let good = env.run(
-        MASTER,
-        &[
-            "k12",
-            "127.0.0.1",
-            &port.to_string(),
-            ddir.to_str().unwrap(),
-        ],
-    );
+    let good = env.run_master("k12", port, &ddir);
     assert!(good.status.success(), "{}", describe(&good));
     pool.assert_ends_ok();
     assert!(pool.stdout().contains("[dem1] hi"), "{}", pool.describe());
@@ -169,10 +148,7 @@ fn key_from_file_and_environment() {
     pool.assert_ends_ok();
     assert!(pool.stdout().contains("[dem1] hi"));
     // `-` with no source of a key is a usage error.
-    let none = env.run(
-        MASTER,
-        &["-", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
-    );
+    let none = env.run_master("-", port, &ddir);
     assert_eq!(none.status.code(), Some(2), "{}", describe(&none));
     env.assert_clean();
 }
@@ -184,10 +160,7 @@ fn failing_daemon_makes_master_exit_1() {
     let ddir = env.daemons(&[("good", "echo fine"), ("bad", "echo oops; exit 3")]);
     let mut pool = env.spawn_bash(&consumer(port, "k"));
     ready(&pool);
-    let out = env.run(
-        MASTER,
-        &["k", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()],
-    );
+    let out = env.run_master("k", port, &ddir);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bad"),
@@ -231,15 +204,7 @@ fn master_argument_errors() {
     }
     // Nobody listens: refused, 69.
     let ddir = env.daemons(&[("d", "echo x")]);
-    let out = env.run(
-        MASTER,
-        &[
-            "k",
-            "127.0.0.1",
-            &free_port().to_string(),
-            ddir.to_str().unwrap(),
-        ],
-    );
+    let out = env.run_master("k", free_port(), &ddir);
     assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
     env.assert_clean();
 }
@@ -254,12 +219,7 @@ fn sigterm_to_master_stops_daemons_with_their_children() {
     let ddir = env.daemons(&[("d1", body), ("d2", body)]);
     let mut pool = env.spawn_bash(&consumer(port, "k"));
     ready(&pool);
-    let mut master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let mut master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("[d1] tick")
             && s.contains("[d2] tick")),
@@ -288,14 +248,8 @@ fn sigterm_to_pool_stops_its_bindings() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("d1", "while true; do echo tick; sleep 0.05; done")]);
-    let mut pool = env.spawn(Command::new(POOL).args(["k", &port.to_string()]));
-    ready(&pool);
-    let mut master = env.spawn(Command::new(MASTER).args([
-        "k",
-        "127.0.0.1",
-        &port.to_string(),
-        ddir.to_str().unwrap(),
-    ]));
+    let mut pool = env.pool(&["k", &port.to_string()]);
+    let mut master = env.spawn_master("k", port, &ddir);
     assert!(
         pool.wait_stdout(PATIENCE, |s| s.contains("d1 ")),
         "{}",

@@ -520,6 +520,24 @@ pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<String>, bo
     (text.lines().map(String::from).collect(), closed)
 }
 
+/// Gives the connections `listener` accepts a small, fixed receive
+/// buffer (no autotuning), so a remote that never reads stalls its sender
+/// after little data instead of swallowing megabytes.
+pub fn small_receive_window(listener: &TcpListener) {
+    let size: libc::c_int = 8192;
+    // SAFETY: setsockopt with a pointer to a local int.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt SO_RCVBUF");
+}
+
 /// Waits until the peer closed `stream`, discarding whatever it sends;
 /// false if it is still open after `limit`.
 pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
@@ -606,6 +624,23 @@ impl Env {
             stderr,
             readers: vec![a, b],
         }
+    }
+
+    /// Starts `pool ARGS` and waits until it listens.
+    pub fn pool(&self, args: &[&str]) -> Spawned {
+        let pool = self.spawn(Command::new(POOL).args(args));
+        ready(&pool);
+        pool
+    }
+
+    /// Starts `master KEY 127.0.0.1 PORT DDIR`.
+    pub fn spawn_master(&self, key: &str, port: impl std::fmt::Display, ddir: &Path) -> Spawned {
+        self.spawn(Command::new(MASTER).args(master_args(key, port, ddir)))
+    }
+
+    /// Runs `master KEY 127.0.0.1 PORT DDIR` to its end.
+    pub fn run_master(&self, key: &str, port: impl std::fmt::Display, ddir: &Path) -> Output {
+        run_with_timeout(self.cmd(MASTER).args(master_args(key, port, ddir)))
     }
 
     /// Starts `bash -c script`.
@@ -1027,4 +1062,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, log: std::sync::Arc<std::sync::M
 /// Whether `needle` occurs in `haystack`.
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A master's arguments for the pool on this machine's `port`.
+fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<String> {
+    vec![
+        key.to_string(),
+        "127.0.0.1".to_string(),
+        port.to_string(),
+        ddir.to_str().unwrap().to_string(),
+    ]
 }
