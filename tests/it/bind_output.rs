@@ -328,6 +328,9 @@ fn sigterm_with_stalled_remote_still_exits() {
     // The binding gives up flushing after 0.9 s to meet the spec's one
     // second; the rest is slack for a loaded test machine.
     assert!(took < Duration::from_millis(1250), "exit took {took:?}");
-    assert!(env.logs().contains("not sent"), "{}", env.logs());
+    // Whether it gave up ("N bytes not sent") or the kernel's buffers,
+    // grown meanwhile, took the rest depends on the kernel's autotuning;
+    // the time limit holds either way.
+    assert!(env.logs().contains("stopping: SIGTERM"), "{}", env.logs());
     env.assert_clean();
 }
