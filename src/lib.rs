@@ -21,6 +21,7 @@ pub mod process;
 pub mod protocol;
 pub mod registry;
 pub mod runtime_dir;
+pub mod secure;
 pub mod signals;
 pub mod supervise;
 pub mod sweep;
