@@ -23,5 +23,6 @@ pub mod registry;
 pub mod runtime_dir;
 pub mod secure;
 pub mod signals;
+pub mod spool;
 pub mod supervise;
 pub mod sweep;
