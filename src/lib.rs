@@ -16,6 +16,7 @@ pub mod logging;
 pub mod master;
 pub mod net;
 pub mod output;
+pub mod penalty;
 pub mod pool;
 pub mod process;
 pub mod protocol;
