@@ -7,3 +7,4 @@ mod bind_output;
 mod hardening;
 mod man;
 mod pool_master;
+mod seed;
