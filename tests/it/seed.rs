@@ -393,3 +393,57 @@ fn readme_and_scripts_show_the_documented_loop_only() {
         }
     }
 }
+
+/// Why the docs say "one reader at a time": three bash readers of one
+/// FIFO split its bytes between them, so they see torn lines, however
+/// whole the binding writes them.
+#[test]
+fn two_readers_of_one_fifo_tear_lines() {
+    let env = Env::new();
+    let port = free_port();
+    let pid = env.start(BIND_INPUT, &["shared", &port.to_string()]);
+    let fifo = env.fifo("shared");
+    // Each reader ends after a second without data.
+    let reader = format!(
+        "while IFS= read -r -t 1 line; do echo \"$line\"; done < '{}'",
+        fifo.display()
+    );
+    let readers: Vec<Spawned> = (0..3).map(|_| env.spawn_bash(&reader)).collect();
+    let want: Vec<String> = (0..3000)
+        .map(|i| format!("line-{i:05}-of-one-sender"))
+        .collect();
+    let text = format!("{}\n", want.join("\n"));
+    send(port, text.as_bytes());
+    // Every byte goes to one reader, which prints it (a newline after each
+    // piece): wait until nearly all is printed. A reader may then hang in
+    // read(2) past its timeout (it was told a byte was there, and another
+    // reader took it), so the binding's end, which makes the FIFO's
+    // end-of-file, is what ends them.
+    let printed = |rs: &[Spawned]| rs.iter().map(|r| r.stdout().len()).sum::<usize>();
+    let nearly = text.len() - 3 * want[0].len();
+    assert!(
+        wait_for(PATIENCE, || printed(&readers) >= nearly),
+        "the readers printed {} of {} bytes",
+        printed(&readers),
+        text.len()
+    );
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    let mut got = Vec::new();
+    for mut r in readers {
+        assert!(r.wait(PATIENCE).is_some(), "a reader did not end");
+        got.extend(r.stdout().lines().map(str::to_string));
+    }
+    let torn = got.iter().filter(|l| !want.contains(l)).count();
+    println!(
+        "three readers of one FIFO: {torn} of {} lines printed were torn",
+        got.len()
+    );
+    assert!(
+        torn > 0,
+        "three readers saw no torn line: {} lines",
+        got.len()
+    );
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+}
