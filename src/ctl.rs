@@ -47,8 +47,18 @@ pub fn run(cli: Fifobind) -> Result<()> {
 /// (asking for a path must not make the directory appear).
 pub fn fifo_path(id: &Id) -> Result<PathBuf> {
     let dir = runtime_dir::locate();
-    let dir = std::path::absolute(&dir)
-        .map_err(|e| Error::io(format!("runtime directory {}", dir.display()), &e))?;
+    // Only a relative FIFOBIND_DIR can fail here: the current directory
+    // is gone. That is reading the file system failing (74), whatever
+    // errno says.
+    let dir = std::path::absolute(&dir).map_err(|e| {
+        let what = format!(
+            "cannot make the runtime directory {} absolute",
+            dir.display()
+        );
+        let mut err = Error::io(what, &e);
+        err.status = ExitStatus::IoErr;
+        err
+    })?;
     Ok(dir.join(id.as_str()))
 }
 

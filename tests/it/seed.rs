@@ -447,3 +447,31 @@ fn two_readers_of_one_fifo_tear_lines() {
     kill(pid, libc::SIGTERM);
     assert!(wait_gone(pid, PATIENCE));
 }
+
+/// `fifobind path` checks ID as the bindings do (2, nothing printed), and
+/// a relative FIFOBIND_DIR whose current directory is gone is 74.
+#[test]
+fn fifobind_path_refuses_a_bad_id_and_a_lost_current_directory() {
+    let env = Env::new();
+    for (bad, named) in [("../x", "../x"), (".x", ".x"), ("-x", "-x"), ("", "ID")] {
+        let out = env.run(FIFOBIND, &["path", bad]);
+        assert_fails(&out, 2, named);
+    }
+    assert_fails(&env.run(FIFOBIND, &[]), 2, "subcommand");
+    let gone = env.tmp().join("gone");
+    fs::create_dir(&gone).unwrap();
+    let out = run_with_timeout(
+        env.cmd("bash")
+            .env("FIFOBIND_DIR", "rel")
+            .arg("-c")
+            .arg(format!(
+                "cd '{}' && rmdir \"$PWD\" && exec '{FIFOBIND}' path x",
+                gone.display()
+            )),
+    );
+    assert_fails(&out, 74, "cannot make the runtime directory rel absolute");
+    assert!(
+        !env.dir.exists(),
+        "fifobind path created the runtime directory"
+    );
+}
