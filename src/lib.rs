@@ -1,12 +1,13 @@
 //! fifobind: join TCP sockets to named pipes, for shell scripts.
 //!
-//! The four commands in `bin/` are thin mains over this library; each
+//! The five commands in `bin/` are thin mains over this library; each
 //! module below owns one concern.
 
 pub mod args;
 pub mod binding;
 pub mod claim;
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
 pub mod error;
 pub mod fifo;

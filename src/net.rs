@@ -93,9 +93,23 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     addr.to_canonical()
 }
 
+/// A peer's address as logs and messages show it: `127.0.0.1:57414`,
+/// not the `[::ffff:127.0.0.1]:57414` a dual-stack listener reports.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(addr.ip()), addr.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapped_peer_shows_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:57414".parse().unwrap();
+        assert_eq!(unmapped(mapped).to_string(), "127.0.0.1:57414");
+        let six: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(unmapped(six).to_string(), "[::1]:9");
+    }
 
     #[test]
     fn mapped_ipv4_is_ipv4() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::util::*;
 
-/// The seed's example, verbatim but for the port.
+/// The documented loop (README, bind-input(1)), verbatim but for the port.
 #[test]
 fn seed_example_loop() {
     let env = Env::new();
@@ -19,19 +19,7 @@ fn seed_example_loop() {
         }
         send(port, b"END\n");
     });
-    let script = format!(
-        r#"
-        pid=$(bind-input in1 {port})
-        fifo=${{FIFOBIND_DIR:-$XDG_RUNTIME_DIR/fifobind}}/in1
-        while true; do
-            read -t 1 line < "$fifo"
-            [ -z "$line" ] && continue      # nothing received this second
-            [ "$line" = END ] && break
-            echo "got: $line"
-        done
-        kill "$pid"
-        "#
-    );
+    let script = SEED_LOOP.replace("9999", &port.to_string());
     let out = env.bash(&script);
     sender.join().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
@@ -163,7 +151,7 @@ fn unsafe_runtime_directory_is_refused() {
         std::os::unix::fs::chown(&env.dir, Some(65534), Some(65534)).unwrap();
         check(&env, "owned by uid 65534");
     } else {
-        println!("skipped the other-owner case: not root, cannot chown");
+        skip_or_fail("the other-owner case needs root, to chown");
     }
 }
 
@@ -302,12 +290,16 @@ fn reopening_bash_reader_loses_nothing() {
     let script = format!(
         r#"
         pid=$(bind-input burst {port}) || exit
-        fifo=$FIFOBIND_DIR/burst
+        fifo=$(fifobind path burst)
+        line=
         while true; do
-            read -t 1 line < "$fifo"
+            IFS= read -r -t 1 part < "$fifo"; status=$?
+            line+=$part
+            (( status > 128 )) && continue
+            (( status != 0 )) && break
             [ -z "$line" ] && continue
             [ "$line" = END ] && break
-            echo "$line"
+            echo "$line"; line=
         done
         kill "$pid"
         "#

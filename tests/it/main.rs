@@ -8,3 +8,4 @@ mod hardening;
 mod keys;
 mod man;
 mod pool_master;
+mod seed;

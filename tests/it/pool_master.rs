@@ -282,7 +282,7 @@ fn sigterm_to_pool_stops_its_bindings() {
 #[test]
 fn two_hosts_in_network_namespaces() {
     if !is_root() || Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED two_hosts_in_network_namespaces: needs root and iproute2 (ip netns)");
+        skip_or_fail("needs root and iproute2 (ip netns)");
         return;
     }
     let net = NetPair::new();

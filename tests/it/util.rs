@@ -19,6 +19,56 @@ use std::time::{Duration, Instant};
 
 pub const BIND_INPUT: &str = env!("CARGO_BIN_EXE_bind-input");
 pub const BIND_OUTPUT: &str = env!("CARGO_BIN_EXE_bind-output");
+pub const FIFOBIND: &str = env!("CARGO_BIN_EXE_fifobind");
+
+/// The reading loop README.md, bind-input(1) and fifobind(7) show, as
+/// they show it (port 9999): it keeps the part a timed-out `read` returns
+/// and completes it, so no line is seen split (tests/it/seed.rs runs it).
+pub const SEED_LOOP: &str = r#"pid=$(bind-input in1 9999)
+fifo=$(fifobind path in1)
+line=
+while true; do
+    IFS= read -r -t 1 part < "$fifo"; status=$?
+    line+=$part
+    (( status > 128 )) && continue  # this second: nothing, or part of a line
+    (( status != 0 )) && break      # the binding is gone
+    [ -z "$line" ] && continue      # an empty message: ignored
+    [ "$line" = END ] && break
+    echo "got: $line"; line=
+done
+kill "$pid"
+"#;
+
+/// A test that cannot run here (a tool, a privilege or IPv6 missing):
+/// outside CI it says why and the caller returns; with `CI` set (CI runs
+/// with CI=true) it fails, so a green CI means every test really ran.
+pub fn skip_or_fail(reason: &str) {
+    // libtest names each test's thread after the test.
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("a test");
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test} cannot run, and CI is set so it may not skip: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// Whether `program` can be run (found in PATH); otherwise
+/// [`skip_or_fail`] with the Debian package that has it.
+pub fn have_tool(program: &str, package: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        skip_or_fail(&format!(
+            "{program} is not installed (apt-get install {package})"
+        ));
+    }
+    found
+}
 
 /// Generous limit for anything that should take milliseconds; only a
 /// failing test ever waits this long.
@@ -548,7 +598,7 @@ pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
 /// (`unshare -n`), where no packet can leave the machine. Prints why not.
 pub fn can_unshare_net() -> bool {
     if !is_root() {
-        println!("skipped: not root, cannot unshare the network namespace");
+        skip_or_fail("not root, cannot unshare the network namespace");
         return false;
     }
     let ok = Command::new("unshare")
@@ -558,7 +608,7 @@ pub fn can_unshare_net() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        println!("skipped: unshare -n is missing or not permitted");
+        skip_or_fail("unshare -n is missing (apt-get install util-linux) or not permitted");
     }
     ok
 }
@@ -567,7 +617,7 @@ pub fn can_unshare_net() -> bool {
 pub fn has_ipv6() -> bool {
     let ok = TcpListener::bind(("::1", 0)).is_ok();
     if !ok {
-        println!("skipped the IPv6 part: ::1 is not available");
+        skip_or_fail("::1 is not available (IPv6 loopback)");
     }
     ok
 }
