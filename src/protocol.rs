@@ -560,6 +560,116 @@ mod tests {
         assert!(!verify(&key("k12"), "master", &n, &c, "zz"));
     }
 
+    /// The two ends of a loopback connection, as `Conn`s.
+    fn pair() -> (Conn, Conn) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        let step = Duration::from_secs(5);
+        (Conn::new(a, step).unwrap(), Conn::new(b, step).unwrap())
+    }
+
+    /// Runs the pool's side on a thread and the master's here.
+    fn handshake(
+        pool_key: &str,
+        master_key: &str,
+        admit: Result<(), String>,
+    ) -> (Result<(), Failure>, Result<(), Failure>) {
+        let (mut master, mut pool) = pair();
+        let pool_key = key(pool_key);
+        let pool = std::thread::spawn(move || challenge(&mut pool, &pool_key, || admit));
+        let master = authenticate(&mut master, &key(master_key));
+        (master, pool.join().unwrap())
+    }
+
+    fn status(f: Failure) -> ExitStatus {
+        Error::from(f).status
+    }
+
+    #[test]
+    fn handshake_with_the_same_key_succeeds_and_a_session_follows() {
+        let (mut master, mut pool) = pair();
+        let k = key("k12");
+        let pool = std::thread::spawn(move || {
+            challenge(&mut pool, &k, || Ok(())).unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::Daemon { .. })));
+            pool.send(&Message::Port { port: Port(30001) }).unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::End)));
+            pool.send(&Message::Bye).unwrap();
+        });
+        authenticate(&mut master, &key("k12")).unwrap();
+        let port = request_port(&mut master, &"dem1".parse().unwrap()).unwrap();
+        assert_eq!(port, Port(30001));
+        end(&mut master).unwrap();
+        pool.join().unwrap();
+    }
+
+    #[test]
+    fn a_wrong_key_is_denied_on_both_sides() {
+        let (master, pool) = handshake("k12", "k13", Ok(()));
+        let master = master.unwrap_err();
+        assert!(master.to_string().contains("wrong key"), "{master}");
+        assert_eq!(status(master), ExitStatus::NoPerm);
+        assert!(matches!(pool, Err(Failure::Denied(_))), "{pool:?}");
+    }
+
+    #[test]
+    fn a_busy_pool_is_a_temporary_failure() {
+        let (master, pool) =
+            handshake("k", "k", Err("busy: another master is being served".into()));
+        assert!(pool.is_err());
+        let master = master.unwrap_err();
+        assert!(master.to_string().contains("busy"), "{master}");
+        assert_eq!(status(master), ExitStatus::TempFail);
+    }
+
+    #[test]
+    fn busy_in_place_of_a_challenge_is_a_temporary_failure() {
+        let (mut master, mut pool) = pair();
+        pool.refuse("busy: too many connections");
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert_eq!(status(err), ExitStatus::TempFail);
+    }
+
+    #[test]
+    fn a_pool_without_the_key_gets_nothing() {
+        let (mut master, mut pool) = pair();
+        let faker = std::thread::spawn(move || {
+            pool.send(&Message::Challenge {
+                version: VERSION,
+                nonce: nonce(),
+            })
+            .unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::Auth { .. })));
+            // It cannot make the proof: it sends anything.
+            pool.send(&Message::Ok { proof: nonce() }).unwrap();
+        });
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        faker.join().unwrap();
+        assert!(err.to_string().contains("does not know the key"), "{err}");
+        assert_eq!(status(err), ExitStatus::NoPerm);
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_and_a_stop_signal_ends_the_wait() {
+        let (mut master, _silent) = pair();
+        master.step = Duration::from_millis(200);
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert_eq!(status(err), ExitStatus::TempFail);
+
+        // SIGUSR2 is no signal of this test binary's.
+        master.step = Duration::from_secs(60);
+        master.stop_on(Signals::of_for_tests(Signal::SIGUSR2));
+        nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
+        let started = Instant::now();
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, Failure::Stopped(Signal::SIGUSR2)), "{err:?}");
+        let err = Error::from(err);
+        assert_eq!(err.status, ExitStatus::Signal(libc::SIGUSR2));
+        assert!(err.message.is_empty());
+    }
+
     #[test]
     fn framer_limits_and_bytes() {
         let read = |bytes: &[u8]| read_line(&mut BufReader::new(bytes));
