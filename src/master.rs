@@ -28,7 +28,7 @@ use crate::process::ProcessId;
 use crate::protocol::{self, Conn};
 use crate::registry::Kind;
 use crate::signals;
-use crate::supervise::{GRACE, Owner};
+use crate::supervise::{GRACE, Owner, START_LIMIT};
 
 pub struct MasterOptions {
     pub key: Key,
@@ -251,7 +251,9 @@ fn start_daemon(
         opts.host.to_string(),
         port.to_string(),
     ];
-    let binding = owner.start_binding("bind-output", &args, name)?;
+    // It connects before it is ready.
+    let limit = opts.connect_timeout + START_LIMIT;
+    let binding = owner.start_binding("bind-output", &args, name, limit)?;
     let fifo_path = owner.binding_dir().fifo(name);
     // The binding holds its FIFO open read-write: this open returns at
     // once.

@@ -30,7 +30,7 @@ use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::protocol::{self, Conn, Failure, Message};
 use crate::runtime_dir::RuntimeDir;
-use crate::supervise::Owner;
+use crate::supervise::{Owner, START_LIMIT};
 
 /// Handshakes in progress at once; a newcomer beyond them pushes the
 /// oldest out.
@@ -346,7 +346,10 @@ impl Pool {
                 args.extend(["--bind".to_string(), bind.to_string()]);
             }
             args.extend([name.to_string(), port.to_string()]);
-            match self.owner.start_binding("bind-input", &args, name) {
+            match self
+                .owner
+                .start_binding("bind-input", &args, name, START_LIMIT)
+            {
                 Ok(_) => {
                     let fifo = self.owner.dir.fifo(name);
                     let mut out = io::stdout().lock();

@@ -45,7 +45,8 @@ use crate::sweep;
 
 /// How long children get to stop after SIGTERM before SIGKILL.
 pub const GRACE: Duration = Duration::from_millis(1500);
-/// How long a binding may take to say it is ready (pool(1), master(1)).
+/// How long a binding may take to say it is ready, beyond the time it is
+/// given to connect (pool(1), master(1)).
 pub const START_LIMIT: Duration = Duration::from_secs(10);
 
 /// A running pool or master: its bookkeeping and its children.
@@ -158,14 +159,15 @@ impl Owner {
 
     /// Starts `program` (bind-input or bind-output) in the foreground in
     /// [`Owner::binding_dir`], waits until it is ready and registers it.
-    /// A binding that says nothing within [`START_LIMIT`] is stopped; so
-    /// is one starting when a stop signal comes (the error then carries
-    /// the signal's status).
+    /// A binding that says nothing within `limit` is stopped; so is one
+    /// starting when a stop signal comes (the error then carries the
+    /// signal's status).
     pub fn start_binding(
         &mut self,
         program: &str,
         args: &[String],
         name: &Id,
+        limit: Duration,
     ) -> Result<ProcessId> {
         let fd = self.watchdog.read.as_raw_fd();
         let mut cmd = Command::new(sibling(program));
@@ -184,7 +186,7 @@ impl Owner {
             });
         }
         let what = format!("{program} {}", args.join(" "));
-        let process = start_ready(&mut cmd, &what, START_LIMIT, &self.signals)?;
+        let process = start_ready(&mut cmd, &what, limit, &self.signals)?;
         self.register(Kind::Binding, process, name)?;
         Ok(process)
     }
