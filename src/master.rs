@@ -10,11 +10,13 @@
 //! stopping are [`Owner`]'s.
 
 use std::fs::{self, OpenOptions};
+use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus as Status, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -195,20 +197,7 @@ pub fn run(opts: MasterOptions) -> Result<()> {
     let mut daemons = Vec::new();
     let outcome = start_all(&opts, &mut owner, &mut daemons, &list, &ddir)
         .and_then(|()| wait(&mut owner, &mut daemons));
-    // A signal during a step that cannot wait for it (connect) is noticed
-    // once the step ends: it, not the step's failure, is why we stop.
-    let outcome = match (outcome, owner.stop_signal()) {
-        (Err(_), Some(sig)) => Err(Error::new(ExitStatus::Signal(sig as i32), "")),
-        (outcome, _) => outcome,
-    };
-    if let Err(e) = &outcome
-        && let ExitStatus::Signal(n) = e.status
-        && let Ok(sig) = Signal::try_from(n)
-    {
-        log::info!("stopping on {sig}");
-    }
-    owner.close();
-    outcome
+    owner.finish(outcome)
 }
 
 fn start_all(
@@ -219,14 +208,10 @@ fn start_all(
     ddir: &Path,
 ) -> Result<()> {
     let pool = format!("pool at {}:{}", opts.host, opts.port);
-    let stream = net::connect(opts.host.as_str(), opts.port, opts.connect_timeout)?;
+    let stream = connect(opts, owner)?;
     let mut conn = Conn::new(stream, opts.step_timeout)
         .map_err(|e| Error::io("cannot configure the connection", &e))?;
-    let stop = owner
-        .signals
-        .try_clone()
-        .map_err(|e| Error::io("cannot duplicate the signal descriptor", &e))?;
-    conn.stop_on(stop);
+    owner.stop_on(&mut conn)?;
     protocol::authenticate(&mut conn, &opts.key).map_err(|f| f.at(&pool))?;
     log::info!("authenticated with the {pool}");
     for (name, path) in list {
@@ -234,6 +219,35 @@ fn start_all(
         daemons.push(start_daemon(opts, owner, name, path, ddir, port)?);
     }
     protocol::end(&mut conn).map_err(|f| f.at(&pool))
+}
+
+/// Connects to the pool on a thread of its own, so that a stop signal
+/// need not wait for the connect's timeout (a host that drops our SYNs).
+fn connect(opts: &MasterOptions, owner: &Owner) -> Result<TcpStream> {
+    let (tx, rx) = mpsc::channel();
+    let (host, port, limit) = (opts.host.to_string(), opts.port, opts.connect_timeout);
+    std::thread::spawn(move || tx.send(net::connect(&host, port, limit)));
+    let mut set = PollSet::default();
+    loop {
+        match rx.try_recv() {
+            Ok(result) => return result,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(Error::new(
+                    ExitStatus::Software,
+                    "the connecting thread died",
+                ));
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        if let Some(sig) = owner.stop_signal() {
+            return Err(Error::new(ExitStatus::Signal(sig as i32), ""));
+        }
+        set.clear();
+        set.add(owner.signals.as_fd(), IN);
+        // The thread's answer wakes nobody: look again shortly.
+        set.wait(Some(Duration::from_millis(20)))
+            .map_err(|e| Error::io("cannot wait for events", &e))?;
+    }
 }
 
 fn start_daemon(

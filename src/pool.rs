@@ -200,14 +200,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         session: None,
     };
     let outcome = pool.run();
-    if let Err(e) = &outcome
-        && let ExitStatus::Signal(n) = e.status
-        && let Ok(sig) = nix::sys::signal::Signal::try_from(n)
-    {
-        log::info!("stopping on {sig}");
-    }
-    pool.owner.close();
-    outcome
+    pool.owner.finish(outcome)
 }
 
 impl Pool {
@@ -240,12 +233,7 @@ impl Pool {
                 let mut buf = [0u8; 64];
                 while matches!(io::Read::read(&mut &self.wake, &mut buf), Ok(n) if n > 0) {}
                 while let Ok((mut conn, master)) = self.admitted.try_recv() {
-                    let stop = self
-                        .owner
-                        .signals
-                        .try_clone()
-                        .map_err(|e| Error::io("cannot duplicate the signal descriptor", &e))?;
-                    conn.stop_on(stop);
+                    self.owner.stop_on(&mut conn)?;
                     self.session = Some(Session {
                         conn,
                         master,

@@ -38,6 +38,7 @@ use crate::binding::{IN, PollSet};
 use crate::claim::Claim;
 use crate::error::{Error, ExitStatus, Result};
 use crate::process::ProcessId;
+use crate::protocol::Conn;
 use crate::registry::{self, Entry, Kind, Registry};
 use crate::runtime_dir::{ENV_DIR, RuntimeDir};
 use crate::signals::Signals;
@@ -226,9 +227,34 @@ impl Owner {
         }
     }
 
-    /// Stops what is left and removes everything (what drop does, said
-    /// out loud).
-    pub fn close(self) {}
+    /// Makes `conn`'s waits end on a stop signal.
+    pub fn stop_on(&self, conn: &mut Conn) -> Result<()> {
+        let signals = self
+            .signals
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the signal descriptor", &e))?;
+        conn.stop_on(signals);
+        Ok(())
+    }
+
+    /// Ends the run with `outcome`: stops what is left and removes
+    /// everything (what drop does, said out loud). A stop signal still
+    /// pending after a failure is why it failed (a step that cannot wait
+    /// for it, connecting, ended first): the status is the signal's.
+    pub fn finish(self, outcome: Result<()>) -> Result<()> {
+        let outcome = match (outcome, self.stop_signal()) {
+            (Err(_), Some(sig)) => Err(Error::new(ExitStatus::Signal(sig as i32), "")),
+            (outcome, _) => outcome,
+        };
+        if let Err(e) = &outcome
+            && let ExitStatus::Signal(n) = e.status
+            && let Ok(sig) = Signal::try_from(n)
+        {
+            log::info!("stopping on {sig}");
+        }
+        drop(self);
+        outcome
+    }
 }
 
 impl Drop for Owner {

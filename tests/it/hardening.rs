@@ -1000,6 +1000,44 @@ fn signal_during_the_handshake_stops_master_at_once() {
     env.assert_clean();
 }
 
+/// SIGTERM to a master still connecting to its pool (one whose listen
+/// backlog is full, so that its SYNs are dropped and the connect hangs):
+/// it does not wait for --connect-timeout, it stops at once.
+#[test]
+fn signal_while_connecting_stops_master_at_once() {
+    let env = Env::new();
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let to = full.local_addr().unwrap().as_socket().unwrap();
+    // Never accepted: they fill the backlog.
+    let fillers: Vec<TcpStream> = (0..3)
+        .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_millis(300)).ok())
+        .collect();
+    assert!(!fillers.is_empty());
+    let ddir = env.daemons(&[("d", "echo hi")]);
+    let mut master = env.spawn(Command::new(MASTER).args([
+        "--connect-timeout",
+        "60",
+        "k",
+        "127.0.0.1",
+        &to.port().to_string(),
+        ddir.to_str().unwrap(),
+    ]));
+    // Its registry exists: the next step is the connect.
+    assert!(wait_for(PATIENCE, || !env
+        .owner_files("master", master.pid())
+        .is_empty()));
+    let since = Instant::now();
+    kill(master.pid(), libc::SIGTERM);
+    master.assert_stopped_by(libc::SIGTERM);
+    let took = since.elapsed();
+    println!("master: SIGTERM while connecting to exit: {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    env.assert_clean();
+}
+
 /// SIGTERM to a pool while the master it serves is in the middle of a
 /// line: the pool does not wait for the rest (the step timeout), it
 /// stops at once.
