@@ -1006,9 +1006,15 @@ fn signal_during_the_handshake_stops_master_at_once() {
 #[test]
 fn signal_while_connecting_stops_master_at_once() {
     let env = Env::new();
-    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
+    let full = loop {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Another process may take the port between the check and here.
+        if s.bind(&SocketAddr::from(([127, 0, 0, 1], free_port())).into())
+            .is_ok()
+        {
+            break s;
+        }
+    };
     full.listen(0).unwrap();
     let to = full.local_addr().unwrap().as_socket().unwrap();
     // Never accepted: they fill the backlog.
@@ -1026,9 +1032,13 @@ fn signal_while_connecting_stops_master_at_once() {
         ddir.to_str().unwrap(),
     ]));
     // Its registry exists: the next step is the connect.
-    assert!(wait_for(PATIENCE, || !env
-        .owner_files("master", master.pid())
-        .is_empty()));
+    assert!(
+        wait_for(PATIENCE, || !env
+            .owner_files("master", master.pid())
+            .is_empty()),
+        "{}",
+        master.describe()
+    );
     let since = Instant::now();
     kill(master.pid(), libc::SIGTERM);
     master.assert_stopped_by(libc::SIGTERM);
