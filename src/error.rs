@@ -144,6 +144,13 @@ impl Error {
     }
 }
 
+impl Error {
+    /// [`Error::io`] for a call made through nix.
+    pub fn nix(what: impl fmt::Display, err: nix::Error) -> Error {
+        Error::io(what, &io::Error::from(err))
+    }
+}
+
 /// `std::io::Error`'s Display appends "(os error N)"; users want only the
 /// words, in lower case as the rest of the line is.
 pub fn describe_io(err: &io::Error) -> String {

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 
-use crate::error::{Error, ExitStatus, Result};
+use crate::error::{Error, Result};
 
 /// The signals that close a command properly.
 pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
@@ -64,12 +64,8 @@ impl Signals {
         for &sig in signals {
             set.add(sig);
         }
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(|e| {
-            Error::new(
-                ExitStatus::OsErr,
-                format!("cannot block signals: {}", e.desc()),
-            )
-        })?;
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+            .map_err(|e| Error::nix("cannot block signals", e))?;
         // SAFETY: a valid signal set; the new descriptor is ours alone.
         let fd =
             unsafe { libc::signalfd(-1, set.as_ref(), libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };

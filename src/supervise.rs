@@ -35,7 +35,7 @@ use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use crate::args::Id;
 use crate::binding::{IN, PollSet};
-use crate::claim::Claim;
+use crate::claim::{Claim, Refused};
 use crate::error::{Error, ExitStatus, Result};
 use crate::process::ProcessId;
 use crate::protocol::Conn;
@@ -269,13 +269,18 @@ impl Drop for Owner {
 fn claim_owner(dir: &RuntimeDir, role: &str) -> Result<(String, Claim)> {
     let name = format!("{role}@{}", std::process::id());
     let path = dir.dotfile(&name, "lock");
-    let mut claim = Claim::take(&path).map_err(|_| {
-        Error::new(
-            ExitStatus::CantCreate,
-            format!("cannot claim {}", path.display()),
-        )
-    })?;
-    if let Err(e) = claim.record(ProcessId::current()) {
+    let what = || format!("cannot claim {}", path.display());
+    let mut claim = match Claim::take(&path) {
+        Ok(claim) => claim,
+        Err(Refused::Io(e)) => return Err(Error::io(what(), &e)),
+        Err(Refused::Held(_)) => {
+            return Err(Error::new(
+                ExitStatus::CantCreate,
+                format!("{}: held by another process", what()),
+            ));
+        }
+    };
+    if let Err(e) = ProcessId::try_current().and_then(|me| claim.record(me)) {
         claim.release();
         return Err(Error::io(format!("cannot write {}", path.display()), &e));
     }
@@ -291,12 +296,8 @@ struct Watchdog {
 
 impl Watchdog {
     fn new() -> Result<Watchdog> {
-        let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| {
-            Error::new(
-                ExitStatus::OsErr,
-                format!("cannot create the watchdog pipe: {}", e.desc()),
-            )
-        })?;
+        let (read, write) = pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| Error::nix("cannot create the watchdog pipe", e))?;
         Ok(Watchdog {
             read,
             _write: write,
@@ -411,18 +412,11 @@ impl Guardian {
     /// stopping the registry's processes, if it finds the registry still
     /// there.
     fn fork(registry_path: &Path, cleanup: Vec<PathBuf>) -> Result<Guardian> {
-        let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|e| {
-            Error::new(
-                ExitStatus::OsErr,
-                format!("cannot create a pipe for the guardian: {}", e.desc()),
-            )
-        })?;
+        let (read, write) = pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| Error::nix("cannot create a pipe for the guardian", e))?;
         // SAFETY: the caller guarantees this process is single-threaded, so
         // the child may run ordinary code.
-        match unsafe { fork() }.map_err(|e| {
-            let status = ExitStatus::of_io(&std::io::Error::from(e));
-            Error::new(status, format!("cannot fork the guardian: {}", e.desc()))
-        })? {
+        match unsafe { fork() }.map_err(|e| Error::nix("cannot fork the guardian", e))? {
             ForkResult::Parent { child } => Ok(Guardian {
                 pid: child,
                 pipe: Some(write),

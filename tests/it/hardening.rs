@@ -1048,6 +1048,66 @@ fn signal_while_connecting_stops_master_at_once() {
     env.assert_clean();
 }
 
+/// `program ARGS` under `ulimit -n n`.
+fn with_fd_limit(n: u32, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {n}; exec \"$0\" \"$@\""))
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// Asserts that a run that failed said why in one line, with context.
+fn assert_failed_cleanly(run: &Spawned, program: &str, n: u32) {
+    let err = run.stderr();
+    let errors: Vec<&str> = err.lines().filter(|l| !l.contains(" INFO: ")).collect();
+    assert!(
+        errors.len() == 1 && errors[0].starts_with(&format!("{program}: cannot ")),
+        "ulimit -n {n}: {}",
+        run.describe()
+    );
+}
+
+/// Regression: early returns of pool and master after their claim and
+/// registry existed left them behind, and out of descriptors at the
+/// wrong moment master panicked. With the descriptors running out at
+/// each step of the set-up in turn, each fails with one line saying what
+/// failed, and leaves nothing.
+#[test]
+fn running_out_of_descriptors_anywhere_leaves_nothing() {
+    for n in 4..=13 {
+        let env = Env::new();
+        let port = free_port().to_string();
+        let mut pool = env.spawn(&mut with_fd_limit(n, POOL, &["k", &port]));
+        assert!(wait_for(PATIENCE, || !alive(pool.pid())
+            || pool.stderr().contains("waiting for a master")));
+        if alive(pool.pid()) {
+            kill(pool.pid(), libc::SIGTERM);
+            pool.assert_stopped_by(libc::SIGTERM);
+        } else {
+            pool.wait(PATIENCE).expect("it ended");
+            assert_failed_cleanly(&pool, "pool", n);
+        }
+        env.assert_clean();
+    }
+    for n in 4..=20 {
+        let (pool_env, env) = (Env::new(), Env::new());
+        let port = free_port().to_string();
+        let mut pool = pool_env.pool(&["k", &port]);
+        let ddir = env.daemons(&[("d", "echo hi")]);
+        let args = ["k", "127.0.0.1", &port, ddir.to_str().unwrap()];
+        let mut master = env.spawn(&mut with_fd_limit(n, MASTER, &args));
+        let status = master.wait(PATIENCE).expect("master ends");
+        if !status.success() {
+            assert_failed_cleanly(&master, "master", n);
+        }
+        env.assert_clean();
+        kill(pool.pid(), libc::SIGTERM);
+        assert!(pool.wait(PATIENCE).is_some());
+    }
+}
+
 /// SIGTERM to a pool while the master it serves is in the middle of a
 /// line: the pool does not wait for the rest (the step timeout), it
 /// stops at once.
