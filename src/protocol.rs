@@ -20,6 +20,12 @@
 //! bytes, ends in `\n` (a `\r` before it is tolerated), holds printable
 //! ASCII only, and every step has a timeout; anything else is answered
 //! with an `ERR` line and a closed connection.
+//!
+//! The handshake is one function per side, [`authenticate`] (master) and
+//! [`challenge`] (pool), so that another version can replace it whole.
+//! Every wait for the peer also ends on a stop signal ([`Conn::stop_on`]),
+//! and a failure becomes the command's error, with its exit status,
+//! through one `From<Failure> for Error`.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};

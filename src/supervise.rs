@@ -307,7 +307,7 @@ impl Watchdog {
 
 /// Where the other fifobind commands are: beside this executable, as
 /// installed and as built; else on PATH.
-pub fn sibling(program: &str) -> PathBuf {
+fn sibling(program: &str) -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join(program)))
@@ -423,7 +423,11 @@ impl Guardian {
             }),
             ForkResult::Child => {
                 drop(write);
-                guard(File::from(read), registry_path, &cleanup);
+                // A panic must not unwind into the owner's half-made
+                // state, whose drop would remove its bookkeeping.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    guard(File::from(read), registry_path, &cleanup)
+                }));
                 // SAFETY: leave without running the owner's destructors.
                 unsafe { libc::_exit(0) }
             }
