@@ -480,52 +480,58 @@ mod tests {
         path
     }
 
-    fn stop() -> Signals {
-        // SIGUSR2 is no signal of this test binary's: never pending here.
-        Signals::of_for_tests(Signal::SIGUSR2)
+    /// Starts the script at `path` as a binding that must be ready within
+    /// `limit`; SIGUSR2 (no signal of this test binary's) stops it.
+    fn start(path: &Path, limit: Duration, stop: &Signals) -> Result<ProcessId> {
+        start_ready(&mut Command::new(path), "fake-binding", limit, stop)
+    }
+
+    /// The PID the script at `path` wrote down.
+    fn written_pid(path: &Path) -> i32 {
+        let text = std::fs::read_to_string(path.with_extension("pid")).unwrap();
+        text.trim().parse().unwrap()
     }
 
     #[test]
     fn a_binding_that_never_gets_ready_is_stopped_in_time() {
         let tmp = tempfile::tempdir().unwrap();
         let path = script(tmp.path(), "echo $$ > \"$0.pid\"; exec sleep 1000");
+        let stop = Signals::of_for_tests(Signal::SIGUSR2);
         let started = Instant::now();
-        let err = start_ready(
-            &mut Command::new(&path),
-            "fake-binding",
-            Duration::from_millis(500),
-            &stop(),
-        )
-        .unwrap_err();
+        let err = start(&path, Duration::from_millis(500), &stop).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(err.status, ExitStatus::TempFail, "{err}");
         assert!(err.message.contains("did not start within 0.5 s"), "{err}");
-        let pid: i32 = std::fs::read_to_string(path.with_extension("pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
         // Stopped and reaped: not even a zombie is left.
+        let pid = written_pid(&path);
         assert!(ProcessId::of(pid).is_none(), "{pid} still there");
+    }
+
+    #[test]
+    fn a_stop_signal_stops_a_binding_still_starting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = script(tmp.path(), "echo $$ > \"$0.pid\"; exec sleep 1000");
+        let stop = Signals::of_for_tests(Signal::SIGUSR2);
+        nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
+        let err = start(&path, Duration::from_secs(60), &stop).unwrap_err();
+        assert_eq!(err.status, ExitStatus::Signal(libc::SIGUSR2), "{err}");
+        if let Ok(text) = std::fs::read_to_string(path.with_extension("pid")) {
+            let pid: i32 = text.trim().parse().unwrap();
+            assert!(ProcessId::of(pid).is_none(), "{pid} still there");
+        }
     }
 
     #[test]
     fn a_ready_binding_runs_and_a_failed_one_passes_on_its_status() {
         let tmp = tempfile::tempdir().unwrap();
+        let stop = Signals::of_for_tests(Signal::SIGUSR2);
         let ok = script(tmp.path(), "echo $$; exec sleep 1000");
-        let mut cmd = Command::new(&ok);
-        let id = start_ready(&mut cmd, "ok", Duration::from_secs(10), &stop()).unwrap();
+        let id = start(&ok, Duration::from_secs(10), &stop).unwrap();
         assert!(id.is_alive());
         id.signal(Signal::SIGKILL);
         let _ = waitpid(Pid::from_raw(id.pid), None);
         let bad = script(tmp.path(), "exit 73");
-        let err = start_ready(
-            &mut Command::new(&bad),
-            "bad",
-            Duration::from_secs(10),
-            &stop(),
-        )
-        .unwrap_err();
+        let err = start(&bad, Duration::from_secs(10), &stop).unwrap_err();
         assert_eq!(err.status, ExitStatus::CantCreate);
     }
 }
