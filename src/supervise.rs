@@ -486,39 +486,41 @@ mod tests {
         start_ready(&mut Command::new(path), "fake-binding", limit, stop)
     }
 
-    /// The PID the script at `path` wrote down.
-    fn written_pid(path: &Path) -> i32 {
-        let text = std::fs::read_to_string(path.with_extension("pid")).unwrap();
-        text.trim().parse().unwrap()
+    /// Writes its PID down (atomically, by rename), then hangs.
+    const HANGS: &str = "echo $$ > \"$0.new\" && mv \"$0.new\" \"$0.pid\"; exec sleep 1000";
+
+    /// Asserts that the script at `path` is gone, reaped, if it got as far
+    /// as writing its PID down (a loaded machine may stop it before).
+    fn assert_gone(path: &Path) {
+        if let Ok(text) = std::fs::read_to_string(path.with_extension("pid")) {
+            let pid: i32 = text.trim().parse().unwrap();
+            // Stopped and reaped: not even a zombie is left.
+            assert!(ProcessId::of(pid).is_none(), "{pid} still there");
+        }
     }
 
     #[test]
     fn a_binding_that_never_gets_ready_is_stopped_in_time() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = script(tmp.path(), "echo $$ > \"$0.pid\"; exec sleep 1000");
+        let path = script(tmp.path(), HANGS);
         let stop = Signals::of_for_tests(Signal::SIGUSR2);
         let started = Instant::now();
         let err = start(&path, Duration::from_millis(500), &stop).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(err.status, ExitStatus::TempFail, "{err}");
         assert!(err.message.contains("did not start within 0.5 s"), "{err}");
-        // Stopped and reaped: not even a zombie is left.
-        let pid = written_pid(&path);
-        assert!(ProcessId::of(pid).is_none(), "{pid} still there");
+        assert_gone(&path);
     }
 
     #[test]
     fn a_stop_signal_stops_a_binding_still_starting() {
         let tmp = tempfile::tempdir().unwrap();
-        let path = script(tmp.path(), "echo $$ > \"$0.pid\"; exec sleep 1000");
+        let path = script(tmp.path(), HANGS);
         let stop = Signals::of_for_tests(Signal::SIGUSR2);
         nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
         let err = start(&path, Duration::from_secs(60), &stop).unwrap_err();
         assert_eq!(err.status, ExitStatus::Signal(libc::SIGUSR2), "{err}");
-        if let Ok(text) = std::fs::read_to_string(path.with_extension("pid")) {
-            let pid: i32 = text.trim().parse().unwrap();
-            assert!(ProcessId::of(pid).is_none(), "{pid} still there");
-        }
+        assert_gone(&path);
     }
 
     #[test]
