@@ -208,7 +208,7 @@ impl Pool {
         let mut set = PollSet::default();
         loop {
             for (entry, status) in self.owner.reap() {
-                log::info!("binding {} ended: {status:?}", entry.process.pid);
+                log::info!("binding {} ended: {status}", entry.process.pid);
             }
             if self.listener.is_none() && self.owner.registry().entries().is_empty() {
                 log::info!("all bindings have ended");

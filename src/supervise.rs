@@ -193,16 +193,18 @@ impl Owner {
     }
 
     /// Reaps the registered processes that have ended (a daemon once its
-    /// whole group has), forgets them and returns them with how they ended.
-    pub fn reap(&mut self) -> Vec<(Entry, Option<WaitStatus>)> {
+    /// whole group has), forgets them and returns them with how they
+    /// ended, in words.
+    pub fn reap(&mut self) -> Vec<(Entry, String)> {
         let mut ended = Vec::new();
         for entry in self.books.registry.entries().to_vec() {
-            let status = match waitpid(Pid::from_raw(entry.process.pid), Some(WaitPidFlag::WNOHANG))
-            {
+            let pid = Pid::from_raw(entry.process.pid);
+            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => continue,
-                Ok(status) => Some(status),
-                // Not our child (any more).
-                Err(_) => None,
+                Ok(WaitStatus::Exited(_, code)) => format!("exit status {code}"),
+                Ok(WaitStatus::Signaled(_, sig, _)) => format!("killed by {sig}"),
+                // Not our child (any more), or stopped.
+                Ok(_) | Err(_) => "gone".to_string(),
             };
             if !entry.alive() {
                 self.forget(entry.process.pid);
