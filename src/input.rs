@@ -414,6 +414,7 @@ impl Relay<'_> {
                         idle.as_secs_f64()
                     );
                     conn.close();
+                    due(Duration::ZERO);
                 } else {
                     due(left);
                 }
@@ -448,6 +449,8 @@ impl Relay<'_> {
                 conn.peer,
                 waited.as_secs_f64()
             );
+            // Round again at once: its newline, then the others.
+            due(Duration::ZERO);
             return next;
         }
         due(limit - waited);

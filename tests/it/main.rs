@@ -5,5 +5,6 @@ mod util;
 mod bind_input;
 mod bind_output;
 mod hardening;
+mod limits;
 mod man;
 mod pool_master;
