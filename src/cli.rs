@@ -78,7 +78,7 @@ fn seconds(s: &str) -> std::result::Result<Duration, String> {
 /// Like [`seconds`], and 0 too (which the option's text says means none).
 fn seconds_or_zero(s: &str) -> std::result::Result<Duration, String> {
     match s.parse::<f64>() {
-        Ok(n) if n == 0.0 => Ok(Duration::ZERO),
+        Ok(0.0) => Ok(Duration::ZERO),
         _ => seconds(s).map_err(|_| "a duration is a number of seconds from 0 to 86400".into()),
     }
 }

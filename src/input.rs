@@ -115,6 +115,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             room: PipeRoom::new(capacity, page),
             room_check: None,
             accept_paused: None,
+            accept_warned: false,
             cut_logged: false,
             served: false,
             opts: &opts,
@@ -249,6 +250,8 @@ struct Relay<'a> {
     /// Out of descriptors since then: the listener is not polled until a
     /// connection ends or [`ACCEPT_RETRY`] has passed.
     accept_paused: Option<Instant>,
+    /// The failure to accept was logged: not again until one succeeds.
+    accept_warned: bool,
     cut_logged: bool,
     served: bool,
     opts: &'a InputOptions,
@@ -278,8 +281,8 @@ impl Relay<'_> {
                 }
                 false
             });
-            if self.conns.len() < before && self.accept_paused.take().is_some() {
-                log::info!("a descriptor is free again: accepting connections");
+            if self.conns.len() < before {
+                self.accept_paused = None;
             }
             let mut timeout = self.limits();
             let mut deadline = |t: Duration| {
@@ -486,10 +489,13 @@ impl Relay<'_> {
                     // Out of descriptors (EMFILE, ENFILE) or memory: the
                     // backlog keeps the rest. Polling the listener now
                     // would only wake us again at once.
-                    log::warn!(
-                        "cannot accept: {}; not accepting until a connection ends",
-                        crate::error::describe_io(&e)
-                    );
+                    if !self.accept_warned {
+                        self.accept_warned = true;
+                        log::warn!(
+                            "cannot accept: {}; not accepting until a connection ends",
+                            crate::error::describe_io(&e)
+                        );
+                    }
                     self.accept_paused = Some(Instant::now());
                     return;
                 }
@@ -519,6 +525,7 @@ impl Relay<'_> {
             if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
                 log::debug!("connection from {peer}: no keepalive: {e}");
             }
+            self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
             self.conns.push(Conn::new(self.next_token, stream, peer));
             self.next_token += 1;
