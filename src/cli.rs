@@ -75,6 +75,14 @@ fn seconds(s: &str) -> std::result::Result<Duration, String> {
     }
 }
 
+/// Like [`seconds`], and 0 too (which the option's text says means none).
+fn seconds_or_zero(s: &str) -> std::result::Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => seconds(s).map_err(|_| "a duration is a number of seconds from 0 to 86400".into()),
+    }
+}
+
 /// Options shared by the two binding commands.
 #[derive(clap::Args, Debug)]
 pub struct CommonArgs {
@@ -121,9 +129,31 @@ pub struct BindInput {
     #[arg(long)]
     pub once: bool,
 
-    /// Accept connections from this address only; others are closed at once
-    #[arg(long, value_name = "ADDR")]
-    pub allow: Option<IpAddr>,
+    /// Accept connections from these addresses only (ADDR or ADDR/PREFIX;
+    /// repeat the option or separate with commas); others are closed at once
+    #[arg(long, value_name = "ADDR[/PREFIX]", value_delimiter = ',')]
+    pub allow: Vec<crate::net::Allow>,
+
+    /// Serve at most N connections at once; further ones wait in the
+    /// listen backlog (0: no limit)
+    #[arg(long, value_name = "N", default_value = "128")]
+    pub max_conns: usize,
+
+    /// Serve at most N connections from one address at once; further ones
+    /// from it are closed at once (0: no limit)
+    #[arg(long, value_name = "N", default_value = "0")]
+    pub max_conns_per_addr: usize,
+
+    /// Close a connection that has sent nothing within SECS seconds of
+    /// connecting (0: never; default 60, never with --once)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
+    pub idle_timeout: Option<Duration>,
+
+    /// Let a connection hold the FIFO in the middle of a line for SECS
+    /// seconds of waiting for its rest; then complete the line and close
+    /// the connection (0: no limit)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero, default_value = "10")]
+    pub line_timeout: Duration,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds
     #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
@@ -142,6 +172,14 @@ impl From<BindInput> for InputOptions {
             once: a.once,
             allow: a.allow,
             accept_timeout: a.accept_timeout,
+            max_conns: a.max_conns,
+            max_conns_per_addr: a.max_conns_per_addr,
+            idle_timeout: match a.idle_timeout {
+                Some(t) => (!t.is_zero()).then_some(t),
+                None if a.once => None,
+                None => Some(crate::input::IDLE_TIMEOUT),
+            },
+            line_timeout: (!a.line_timeout.is_zero()).then_some(a.line_timeout),
             common: a.common.into(),
         }
     }

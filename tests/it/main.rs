@@ -6,6 +6,7 @@ mod bind_input;
 mod bind_output;
 mod hardening;
 mod keys;
+mod limits;
 mod man;
 mod pool_master;
 mod seed;

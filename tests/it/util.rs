@@ -1123,3 +1123,52 @@ fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<Stri
         ddir.to_str().unwrap().to_string(),
     ]
 }
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let fields = stat_fields(pid)?;
+    // utime and stime: fields 14 and 15 of the stat line, in clock ticks.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// Opens `n` connections to a local port at once (non-blocking connects,
+/// so they all reach the listen backlog together), writes `text(i)` on
+/// connection `i` and closes them all. Panics if any fails.
+pub fn burst(port: u16, n: usize, text: impl Fn(usize) -> String) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let to = SockAddr::from(SocketAddr::from(([127, 0, 0, 1], port)));
+    let socks: Vec<Socket> = (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&to) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => panic!("connect: {e}"),
+            }
+            s
+        })
+        .collect();
+    for (i, s) in socks.iter().enumerate() {
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut pfd, 1, PATIENCE.as_millis() as i32) };
+        if let Some(e) = s.take_error().unwrap() {
+            panic!("connection {i}: {e}");
+        }
+        s.set_nonblocking(false).unwrap();
+        let mut w: &Socket = s;
+        w.write_all(text(i).as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    for s in &socks {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+}
