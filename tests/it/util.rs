@@ -1073,3 +1073,24 @@ fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<Stri
         ddir.to_str().unwrap().to_string(),
     ]
 }
+
+/// Whether `tool` can be run here (`tool --version` starts). A test that
+/// needs it skips when it cannot, with a line saying so; under `CI` a
+/// missing tool fails the test instead, so a green CI means it ran.
+pub fn have_tool(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing under CI"
+        );
+        println!("skipped: {tool} is missing");
+    }
+    ok
+}
