@@ -207,4 +207,25 @@ mod tests {
         );
         assert_eq!(fs::read(&path).unwrap(), b"precious");
     }
+
+    #[test]
+    fn reader_sees_end_of_file_once_every_writer_closed() {
+        use std::io::{Read, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let mut fifo = Fifo::create(&path).unwrap();
+        let mut other = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut buf = [0u8; 16];
+        // Our own write end held: no data is "would block", not the end.
+        let err = fifo.reader().read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        fifo.close_writer();
+        other.write_all(b"late\n").unwrap();
+        assert_eq!(fifo.reader().read(&mut buf).unwrap(), 5);
+        let err = fifo.reader().read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "a writer is left");
+        drop(other);
+        assert_eq!(fifo.reader().read(&mut buf).unwrap(), 0);
+        fifo.remove();
+    }
 }
