@@ -106,7 +106,8 @@ where
         };
         return work(&mut ready);
     }
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("cannot create the readiness pipe", &e.into()))?;
     let outcome = daemonize::Daemonize::new()
         .working_directory("/")
         .umask(0o077)
@@ -134,6 +135,9 @@ where
                 Err(e) => {
                     let err = Error::new(ExitStatus::OsErr, format!("cannot daemonize: {e}"));
                     ready.fail(&err);
+                    // `exit` runs no destructors: what `work` owns (a
+                    // binding's FIFO and claim) is undone here.
+                    drop(work);
                     err.status
                 }
                 Ok(_) => match work(&mut ready) {
