@@ -39,6 +39,7 @@ impl Ready {
             drop(out);
             redirect_to_null(libc::STDOUT_FILENO);
             self.foreground = false;
+            crate::notify::ready(&format!("ready, PID {pid}"));
         } else if let Some(mut pipe) = self.pipe.take() {
             let _ = writeln!(pipe, "OK {pid}");
         }
@@ -75,7 +76,7 @@ pub fn close_inherited(keep: Option<i32>) {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     for fd in fds {
-        if fd > 2 && Some(fd) != keep {
+        if fd > 2 && Some(fd) != keep && !crate::activation::holds(fd) {
             // SAFETY: nothing in this process owns these yet; an already
             // closed one (the listing's own) gives EBADF, which is fine.
             unsafe { libc::close(fd) };
@@ -108,7 +109,9 @@ where
             pipe: None,
             foreground: true,
         };
-        return work(&mut ready);
+        let result = work(&mut ready);
+        crate::notify::stopping();
+        return result;
     }
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let outcome = daemonix::Daemonize::new()

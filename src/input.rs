@@ -52,7 +52,7 @@ pub struct InputOptions {
 
 pub fn run(opts: InputOptions) -> Result<()> {
     let binding = Binding::open(&opts.id, &opts.common)?;
-    let listener = match net::listen(opts.bind, opts.port) {
+    let listener = match crate::activation::listen(opts.bind, opts.port) {
         Ok(l) => l,
         Err(e) => {
             binding.close();

@@ -3,6 +3,7 @@
 //! The four commands in `bin/` are thin mains over this library; each
 //! module below owns one concern.
 
+pub mod activation;
 pub mod args;
 pub mod binding;
 pub mod claim;
@@ -15,6 +16,7 @@ pub mod input;
 pub mod logging;
 pub mod master;
 pub mod net;
+pub mod notify;
 pub mod output;
 pub mod pool;
 pub mod process;

@@ -116,7 +116,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
     };
     let signals = Signals::block(&[Signal::SIGCHLD])?;
     let _guardian: OwnedFd = supervise::guardian(&registry_path, vec![claim_path.clone()])?;
-    let listener = match net::listen(opts.bind, opts.port) {
+    let listener = match crate::activation::listen(opts.bind, opts.port) {
         Ok(l) => l,
         Err(e) => {
             cleanup(registry, claim);
@@ -129,6 +129,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         .set_nonblocking(true)
         .map_err(|e| Error::io("cannot configure a socket pair", &e))?;
     log::info!("waiting for a master on port {}", opts.port);
+    crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
     let shared = Arc::new(Shared {
         opts,
         dir,
@@ -171,6 +172,7 @@ fn main_loop(
             while let Some(sig) = signals.next() {
                 if sig != Signal::SIGCHLD {
                     log::info!("stopping on {sig}");
+                    crate::notify::stopping();
                     let entries = shared.registry.lock().unwrap().entries().to_vec();
                     registry::stop_all(&entries, Duration::from_secs(1));
                     reap(shared);

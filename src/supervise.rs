@@ -144,6 +144,10 @@ pub fn guardian(registry_path: &Path, cleanup: Vec<PathBuf>) -> Result<OwnedFd> 
         ForkResult::Parent { .. } => Ok(write),
         ForkResult::Child => {
             drop(write);
+            // What a service manager passed is the owner's, not ours: a
+            // ready pipe we held would never see end-of-file.
+            crate::notify::forget();
+            crate::activation::forget();
             // Keep no terminal or pipe of the user's open: a `pool | while
             // read` loop must see end-of-file when the pool exits.
             if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {

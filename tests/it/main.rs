@@ -6,4 +6,5 @@ mod bind_input;
 mod bind_output;
 mod hardening;
 mod man;
+mod operate;
 mod pool_master;

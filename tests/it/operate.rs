@@ -1,0 +1,313 @@
+//! Operating the commands: service managers (readiness on NOTIFY_SOCKET
+//! and --ready-fd, socket activation, journal logging) and the `fifobind`
+//! command (list, stop, completions).
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// A test's NOTIFY_SOCKET: a datagram socket bound in its temp dir.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn new(env: &Env) -> NotifySocket {
+        let path = env.tmp().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// The next message, waiting at most `limit`.
+    fn recv(&self, limit: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).to_string()),
+            Err(_) => None,
+        }
+    }
+
+    /// Messages until one has a line `wanted`, at most [`PATIENCE`].
+    fn wait_for(&self, wanted: &str) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(m) = self.recv(left) else { break };
+            let done = m.lines().any(|l| l == wanted);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no {wanted:?} on NOTIFY_SOCKET; got {seen:?}");
+    }
+}
+
+/// Gives the child `fd` as descriptor `target`.
+fn pass_fd(cmd: &mut Command, fd: &OwnedFd, target: i32) {
+    let raw = fd.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; it also clears close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if raw == target {
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, target)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The `MAINPID=` of a notification.
+fn main_pid(message: &str) -> Option<i32> {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+}
+
+#[test]
+fn foreground_bind_input_says_ready_on_notify_socket_once_it_listens_and_stopping_on_sigterm() {
+    let env = Env::new();
+    let notify = NotifySocket::new(&env);
+    let port = free_port();
+    let mut binding = env.spawn(
+        Command::new(BIND_INPUT)
+            .args(["--foreground", "in1", &port.to_string()])
+            .env("NOTIFY_SOCKET", &notify.path),
+    );
+    let seen = notify.wait_for("READY=1");
+    // No retry: READY=1 means the port listens now.
+    TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| {
+        panic!(
+            "READY=1 ({seen:?}) but connect failed: {e}\n{}",
+            binding.describe()
+        )
+    });
+    assert_eq!(
+        main_pid(seen.last().unwrap()),
+        Some(binding.pid()),
+        "{seen:?}"
+    );
+    assert!(env.fifo("in1").exists(), "READY=1 before the FIFO exists");
+    kill(binding.pid(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1");
+    binding.assert_ends_ok();
+    env.assert_clean();
+}
+
+#[test]
+fn pool_says_ready_once_listening_and_its_bindings_never_speak_for_it() {
+    let env = Env::new();
+    let notify = NotifySocket::new(&env);
+    let port = free_port();
+    let mut pool = env.spawn(
+        Command::new(POOL)
+            .args(["k3y", &port.to_string()])
+            .env("NOTIFY_SOCKET", &notify.path),
+    );
+    let seen = notify.wait_for("READY=1");
+    TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("READY=1 but connect failed: {e}\n{}", pool.describe()));
+    assert!(
+        seen.iter()
+            .all(|m| main_pid(m).is_none_or(|p| p == pool.pid())),
+        "{seen:?}"
+    );
+    let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
+    let out = env.run_master("k3y", port, &ddir);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    assert_eq!(read_lines(&env.fifo("d2"), 1), ["two"]);
+    pool.assert_ends_ok();
+    // Whatever else arrived came from the pool itself, never from one of
+    // the bindings it started (they must not inherit NOTIFY_SOCKET).
+    while let Some(m) = notify.recv(Duration::from_millis(100)) {
+        assert!(
+            !m.contains("READY=1") || main_pid(&m) == Some(pool.pid()),
+            "a binding of the pool spoke for it: {m:?}"
+        );
+    }
+    env.assert_clean();
+}
+
+/// Runs `program ARGS` with the write end of a pipe as descriptor 3 and
+/// `--ready-fd 3`; returns the process and the read end.
+fn with_ready_fd(env: &Env, program: &str, args: &[&str]) -> (Spawned, std::fs::File) {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut cmd = Command::new(program);
+    cmd.arg("--ready-fd").arg("3").args(args);
+    pass_fd(&mut cmd, &write, 3);
+    let spawned = env.spawn(&mut cmd);
+    drop(write);
+    (spawned, std::fs::File::from(read))
+}
+
+/// Reads the ready pipe to its end (the process closes its end once
+/// ready): exactly one newline.
+fn read_ready(pipe: &mut std::fs::File) -> String {
+    let mut text = String::new();
+    pipe.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn ready_fd_gets_one_newline_and_is_closed_once_bind_input_and_pool_listen() {
+    let env = Env::new();
+    let port = free_port();
+    let (mut binding, mut pipe) = with_ready_fd(
+        &env,
+        BIND_INPUT,
+        &["--foreground", "in1", &port.to_string()],
+    );
+    // End-of-file here while the binding runs: it closed its end.
+    assert_eq!(read_ready(&mut pipe), "\n", "{}", binding.describe());
+    assert!(alive(binding.pid()));
+    TcpStream::connect(("127.0.0.1", port)).expect("ready means listening");
+    kill(binding.pid(), libc::SIGTERM);
+    binding.assert_ends_ok();
+
+    let port = free_port();
+    let (mut pool, mut pipe) = with_ready_fd(&env, POOL, &["k3y", &port.to_string()]);
+    assert_eq!(read_ready(&mut pipe), "\n", "{}", pool.describe());
+    TcpStream::connect(("127.0.0.1", port)).expect("ready means listening");
+    kill(pool.pid(), libc::SIGTERM);
+    pool.assert_stopped_by(libc::SIGTERM);
+    env.assert_clean();
+}
+
+#[test]
+fn ready_fd_that_is_not_open_or_without_foreground_is_a_usage_error() {
+    let env = Env::new();
+    let port = free_port().to_string();
+    let out = env.run(BIND_INPUT, &["--ready-fd", "3", "in1", &port]);
+    assert_fails(&out, 2, "--foreground");
+    let out = env.run(BIND_INPUT, &["-f", "--ready-fd", "9", "in1", &port]);
+    assert_fails(&out, 2, "--ready-fd 9");
+    let out = env.run(POOL, &["--ready-fd", "1", "k", &port]);
+    assert_fails(&out, 2, "--ready-fd 1");
+    assert!(!env.dir.join("in1").exists());
+}
+
+// ---------------------------------------------------------------------
+// Socket activation.
+
+/// Whether `systemd-socket-activate` can run here; prints why a test
+/// skips when not.
+fn has_socket_activate() -> bool {
+    let ok = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("skipped: systemd-socket-activate is missing (Debian package systemd)");
+    }
+    ok
+}
+
+/// `systemd-socket-activate -l 127.0.0.1:PORT COMMAND…`, passing this
+/// test's runtime directory; waits until it listens. The command starts
+/// on the first connection, as under a `.socket` unit.
+fn socket_activate(env: &Env, port: u16, command: &[&str]) -> Spawned {
+    let spawned = env.spawn(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-E")
+            .arg(format!("FIFOBIND_DIR={}", env.dir.display()))
+            .args(["-E", "RUST_LOG=debug", "-E"])
+            .arg(format!("PATH={}", path_with_bins()))
+            .args(command),
+    );
+    assert!(
+        spawned.wait_stderr(PATIENCE, |s| s.contains("Listening on")),
+        "{}",
+        spawned.describe()
+    );
+    spawned
+}
+
+#[test]
+fn bind_input_serves_the_socket_of_systemd_socket_activate_and_the_first_connection() {
+    if !has_socket_activate() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let p = port.to_string();
+    let mut binding = socket_activate(&env, port, &[BIND_INPUT, "-f", "in1", &p]);
+    // This connection starts the binding; it waits in the backlog of the
+    // socket the binding inherits, and is served by it.
+    send(port, b"before the binding ran\n");
+    assert!(
+        wait_for(PATIENCE, || env.fifo("in1").exists()),
+        "{}",
+        binding.describe()
+    );
+    let mut fifo = std::fs::File::open(env.fifo("in1")).unwrap();
+    send(port, b"after\n");
+    assert_eq!(
+        read_lines_from(&mut fifo, 2),
+        ["before the binding ran", "after"],
+        "{}",
+        binding.describe()
+    );
+    kill(binding.pid(), libc::SIGTERM);
+    binding.assert_ends_ok();
+    env.assert_clean();
+}
+
+#[test]
+fn pool_serves_the_socket_of_systemd_socket_activate() {
+    if !has_socket_activate() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let p = port.to_string();
+    let mut pool = socket_activate(&env, port, &[POOL, "k3y", &p]);
+    let ddir = env.daemons(&[("d1", "echo one")]);
+    let out = env.run_master("k3y", port, &ddir);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        describe(&out),
+        pool.describe()
+    );
+    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    pool.assert_ends_ok();
+    assert!(pool.stdout().starts_with("d1 "), "{}", pool.describe());
+    env.assert_clean();
+}
+
+#[test]
+fn a_socket_activated_binding_on_another_port_than_its_port_argument_is_refused() {
+    if !has_socket_activate() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let other = free_port().to_string();
+    let mut binding = socket_activate(&env, port, &[BIND_INPUT, "-f", "in1", &other]);
+    let _ = TcpStream::connect(("127.0.0.1", port));
+    let status = binding.wait(PATIENCE).expect("it ends");
+    assert_eq!(status.code(), Some(2), "{}", binding.describe());
+    assert!(
+        binding.stderr().contains(&format!("not on PORT {other}")),
+        "{}",
+        binding.describe()
+    );
+    env.assert_clean();
+}
