@@ -311,3 +311,121 @@ fn a_socket_activated_binding_on_another_port_than_its_port_argument_is_refused(
     );
     env.assert_clean();
 }
+
+// ---------------------------------------------------------------------
+// Logging.
+
+/// Lines of `text` that do not begin with a `<N>` priority.
+fn unprefixed(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| {
+            let b = l.as_bytes();
+            !(b.len() > 3 && b[0] == b'<' && b[1].is_ascii_digit() && b[2] == b'>')
+        })
+        .collect()
+}
+
+#[test]
+fn under_journal_stream_lines_carry_priorities_and_no_timestamp_of_their_own() {
+    let env = Env::new();
+    let port = free_port();
+    // JOURNAL_STREAM names stderr, as systemd sets it.
+    let mut binding = env.spawn_bash(&format!(
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec bind-input -f in1 {port}"
+    ));
+    assert!(
+        binding.wait_stderr(PATIENCE, |s| s.contains("listening on port")),
+        "{}",
+        binding.describe()
+    );
+    send(port, b"x\n");
+    assert!(binding.wait_stderr(PATIENCE, |s| s.contains("<6>connection from")));
+    kill(binding.pid(), libc::SIGTERM);
+    binding.assert_ends_ok();
+    let err = binding.stderr();
+    assert!(unprefixed(&err).is_empty(), "{err}");
+    assert!(err.contains("<6>in1 listening on port"), "{err}");
+    assert!(
+        !err.contains(" INFO") && !err.contains("T1") && !err.contains("Z "),
+        "{err}"
+    );
+
+    // A JOURNAL_STREAM that is not stderr (inherited by a process whose
+    // stderr went elsewhere) changes nothing.
+    let port = free_port();
+    let mut binding = env.spawn_bash(&format!("JOURNAL_STREAM=1:1 exec bind-input -f in1 {port}"));
+    assert!(binding.wait_stderr(PATIENCE, |s| s.contains("listening on port")));
+    kill(binding.pid(), libc::SIGTERM);
+    binding.assert_ends_ok();
+    assert!(
+        binding.stderr().contains(" INFO: in1 listening"),
+        "{}",
+        binding.describe()
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn a_pool_and_its_bindings_log_with_priorities_under_journal_stream() {
+    let env = Env::new();
+    let port = free_port();
+    let mut pool = env.spawn_bash(&format!(
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec pool k3y {port}"
+    ));
+    ready(&pool);
+    let ddir = env.daemons(&[("d1", "echo one")]);
+    let out = env.run_master("k3y", port, &ddir);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    pool.assert_ends_ok();
+    let err = pool.stderr();
+    assert!(unprefixed(&err).is_empty(), "{err}");
+    // The binding's own line, through the stream it inherited.
+    assert!(err.contains("<6>d1 listening on port"), "{err}");
+    env.assert_clean();
+}
+
+#[test]
+fn a_daemonized_bindings_log_is_capped_with_one_rotation() {
+    let env = Env::new();
+    let port = free_port();
+    let out = run_with_timeout(
+        env.cmd(BIND_INPUT)
+            .env("FIFOBIND_LOG_MAX", "2000")
+            .args(["in1", &port.to_string()]),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let log = env.dir.join(".in1.log");
+    let old = env.dir.join(".in1.log.1");
+    let mut fifo = std::fs::File::open(env.fifo("in1")).unwrap();
+    // Each connection logs two lines of some 80 bytes.
+    for i in 0..60 {
+        send(port, format!("line {i}\n").as_bytes());
+    }
+    assert_eq!(read_lines_from(&mut fifo, 60).len(), 60);
+    assert!(
+        wait_for(PATIENCE, || old.exists()),
+        "no rotation: {}",
+        env.logs()
+    );
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    for path in [&log, &old] {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            !text.is_empty() && text.len() <= 2000,
+            "{}: {} bytes",
+            path.display(),
+            text.len()
+        );
+        // Whole records only: each line a timestamped one.
+        assert!(text.ends_with('\n'));
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("20") && l.contains(" bind-input[")),
+            "{text}"
+        );
+    }
+    env.assert_clean();
+}
