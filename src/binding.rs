@@ -105,6 +105,7 @@ impl Binding {
 
     /// Removes the FIFO and the claim: nothing of the binding is left.
     pub fn close(self) {
+        crate::status::finish();
         self.fifo.remove();
         self.claim.release();
     }

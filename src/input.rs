@@ -67,6 +67,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             opts.port,
             binding.fifo.path().display()
         );
+        crate::status::start_binding(binding, "bind-input", opts.port.0, None);
         binding.ready(ready);
         let mut relay = Relay {
             binding,
@@ -149,6 +150,7 @@ impl Relay<'_> {
             self.conns.retain(|c| {
                 if c.lines.finished() {
                     log::info!("connection from {} ended", c.peer);
+                    crate::status::peer_gone(c.peer);
                 }
                 !c.lines.finished()
             });
@@ -216,7 +218,7 @@ impl Relay<'_> {
                 {
                     match conn.fill() {
                         Ok(0) => conn.lines.end_of_stream(),
-                        Ok(_) => {}
+                        Ok(n) => crate::status::add_in(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
@@ -266,6 +268,7 @@ impl Relay<'_> {
                 continue;
             }
             self.conns.push(Conn::new(self.next_token, stream, peer));
+            crate::status::peer_added(peer);
             self.next_token += 1;
             if self.opts.once {
                 // One connection only: the port is free again at once.
@@ -306,6 +309,8 @@ impl Relay<'_> {
             };
             match nix::unistd::write(self.binding.fifo.file(), chunk) {
                 Ok(n) => {
+                    // Counted per write, in data the write just had in cache.
+                    crate::status::add_out(n, memchr::memchr_iter(b'\n', &chunk[..n]).count());
                     conn.lines.consumed(n);
                     self.owner = conn.lines.mid_line().then_some(conn.token);
                     self.turn = conn.token + 1;

@@ -163,8 +163,13 @@ pub fn run(opts: MasterOptions) -> Result<()> {
     let signals = Signals::block(&[Signal::SIGCHLD])?;
     let _guardian: OwnedFd = supervise::guardian(
         &registry_path,
-        vec![session_path.clone(), claim_path.clone()],
+        vec![
+            session_path.clone(),
+            claim_path.clone(),
+            dir.dotfile(&name, "status"),
+        ],
     )?;
+    crate::status::start_owner(&dir, &name, "master", opts.port.0, Some(opts.host.as_str()));
     let mut master = Master {
         opts,
         session,
@@ -173,6 +178,7 @@ pub fn run(opts: MasterOptions) -> Result<()> {
         daemons: Vec::new(),
     };
     let outcome = master.run(&signals, &list, &ddir);
+    crate::status::finish();
     let Master { registry, .. } = master;
     registry.delete();
     let _ = fs::remove_dir_all(&session_path);

@@ -111,11 +111,14 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         }
     };
     let cleanup = |registry: Registry, claim: Claim| {
+        crate::status::finish();
         registry.delete();
         claim.release();
     };
     let signals = Signals::block(&[Signal::SIGCHLD])?;
-    let _guardian: OwnedFd = supervise::guardian(&registry_path, vec![claim_path.clone()])?;
+    let status_path = dir.dotfile(&name, "status");
+    let _guardian: OwnedFd =
+        supervise::guardian(&registry_path, vec![claim_path.clone(), status_path])?;
     let listener = match crate::activation::listen(opts.bind, opts.port) {
         Ok(l) => l,
         Err(e) => {
@@ -129,6 +132,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         .set_nonblocking(true)
         .map_err(|e| Error::io("cannot configure a socket pair", &e))?;
     log::info!("waiting for a master on port {}", opts.port);
+    crate::status::start_owner(&dir, &name, "pool", opts.port.0, None);
     crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
     let shared = Arc::new(Shared {
         opts,
@@ -328,7 +332,9 @@ fn serve(
         return Err(format!("master went away before the session: {e}"));
     }
     log::info!("master {master} authenticated");
+    crate::status::peer_added(master);
     let result = session(shared, &mut conn, master);
+    crate::status::peer_gone(master);
     shared.notify(b'E');
     result
 }

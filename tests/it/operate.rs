@@ -429,3 +429,246 @@ fn a_daemonized_bindings_log_is_capped_with_one_rotation() {
     }
     env.assert_clean();
 }
+
+// ---------------------------------------------------------------------
+// fifobind list, stop, completions.
+
+pub const FIFOBIND: &str = env!("CARGO_BIN_EXE_fifobind");
+
+/// `fifobind list --json`, parsed: the entries by name.
+fn list(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.run(FIFOBIND, &["list", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    match serde_json::from_slice(&out.stdout) {
+        Ok(serde_json::Value::Array(entries)) => entries,
+        other => panic!("not a JSON array: {other:?}\n{}", describe(&out)),
+    }
+}
+
+/// The entry named `id` (with `owner`, a master's binding), once
+/// `cond` holds for it; panics with the list after [`PATIENCE`].
+fn wait_entry(
+    env: &Env,
+    id: &str,
+    owner: Option<&str>,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = Vec::new();
+    let found = wait_for(PATIENCE, || {
+        last = list(env);
+        last.iter()
+            .any(|e| e["id"] == id && e["owner"].as_str() == owner && cond(e))
+    });
+    assert!(found, "no entry {id} as wanted in {last:#?}");
+    last.into_iter()
+        .find(|e| e["id"] == id && e["owner"].as_str() == owner && cond(e))
+        .unwrap()
+}
+
+#[test]
+fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
+    let env = Env::new();
+    assert_eq!(list(&env), Vec::<serde_json::Value>::new(), "nothing yet");
+    let port = free_port();
+    let input = env.start(BIND_INPUT, &["in1", &port.to_string()]);
+    let (listener, remote) = listener();
+    let output = env.start(BIND_OUTPUT, &["out1", "127.0.0.1", &remote.to_string()]);
+    let mut peer = accept(&listener);
+
+    let mut reader = std::fs::File::open(env.fifo("in1")).unwrap();
+    send(port, b"one\ntwo\nthree\n");
+    assert_eq!(read_lines_from(&mut reader, 3), ["one", "two", "three"]);
+    let e = wait_entry(&env, "in1", None, |e| e["lines_out"] == 3);
+    assert_eq!(e["kind"], "bind-input");
+    assert_eq!(e["pid"], input);
+    assert_eq!(e["port"], port);
+    assert_eq!(e["bytes_in"], 14);
+    assert_eq!(e["bytes_out"], 14);
+    assert_eq!(e["reader"], true, "{e:#}");
+    assert_eq!(e["writer"], false, "{e:#}");
+    assert_eq!(e["fifo"], env.fifo("in1").to_str().unwrap());
+    assert!(e["since"].as_u64().unwrap() > 1_700_000_000, "{e:#}");
+    assert!(e["age"].as_u64().unwrap() < 3600, "{e:#}");
+    drop(reader);
+    let e = wait_entry(&env, "in1", None, |e| e["reader"] == false);
+    assert_eq!(
+        e["peers"],
+        serde_json::json!([]),
+        "the sender is gone: {e:#}"
+    );
+
+    // A connection that stays: the peer is listed.
+    let mut held = connect(port);
+    std::io::Write::write_all(&mut held, b"x\n").unwrap();
+    let e = wait_entry(&env, "in1", None, |e| {
+        e["peers"].as_array().unwrap().len() == 1
+    });
+    assert!(
+        e["peers"][0].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{e:#}"
+    );
+
+    std::fs::write(env.fifo("out1"), "alpha\nbeta\n").unwrap();
+    let mut got = read_lines_from(&mut peer, 2);
+    got.truncate(2);
+    assert_eq!(got, ["alpha", "beta"]);
+    let e = wait_entry(&env, "out1", None, |e| e["bytes_out"] == 11);
+    assert_eq!(e["kind"], "bind-output");
+    assert_eq!(e["pid"], output);
+    assert_eq!(e["port"], remote);
+    assert_eq!(e["host"], "127.0.0.1");
+    assert_eq!(e["bytes_in"], 11);
+    assert_eq!(
+        e["peers"],
+        serde_json::json!([format!("127.0.0.1:{remote}")])
+    );
+    assert_eq!(e["writer"], false);
+
+    // The human form names both.
+    let out = env.run(FIFOBIND, &["ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ID "), "{text}");
+    assert!(text.contains("in1 ") && text.contains("out1 "), "{text}");
+    let out = env.run(FIFOBIND, &["list", "--names"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in1\nout1\n");
+
+    let out = env.run(FIFOBIND, &["stop", "in1", "out1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !alive(input) && !alive(output),
+        "stop returns once they are gone"
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn list_shows_a_pool_a_master_and_their_bindings_and_stop_ends_the_master() {
+    let env = Env::new();
+    let port = free_port();
+    let pool = env.pool(&["k3y", &port.to_string()]);
+    let ddir = env.daemons(&[("d1", "echo one; exec sleep 60")]);
+    let mut master = env.spawn_master("k3y", port, &ddir);
+    assert!(wait_for(PATIENCE, || env.fifo("d1").exists()));
+    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    let pool_name = format!("pool@{}", pool.pid());
+    let master_name = format!("master@{}", master.pid());
+    let e = wait_entry(&env, &pool_name, None, |_| true);
+    assert_eq!(e["kind"], "pool");
+    assert_eq!(e["port"], port);
+    assert_eq!(e["pid"], pool.pid());
+    let e = wait_entry(&env, &master_name, None, |_| true);
+    assert_eq!(e["kind"], "master");
+    assert_eq!(e["host"], "127.0.0.1");
+    let e = wait_entry(&env, "d1", None, |e| e["lines_out"] == 1);
+    assert_eq!(e["kind"], "bind-input");
+    assert_eq!(e["bytes_out"], 4);
+    let e = wait_entry(&env, "d1", Some(&master_name), |e| e["bytes_out"] == 4);
+    assert_eq!(e["kind"], "bind-output");
+    // The daemon holds the master's FIFO for writing.
+    assert_eq!(e["writer"], true, "{e:#}");
+
+    let out = env.run(FIFOBIND, &["stop", &master_name, &pool_name]);
+    assert!(out.status.success(), "{}", describe(&out));
+    master.assert_stopped_by(libc::SIGTERM);
+    let mut pool = pool;
+    assert!(pool.wait(PATIENCE).is_some(), "{}", pool.describe());
+    env.assert_clean();
+}
+
+#[test]
+fn stop_says_which_did_not_stop_or_were_not_running() {
+    let env = Env::new();
+    let port = free_port();
+    let input = env.start(BIND_INPUT, &["in1", &port.to_string()]);
+    let out = env.run(FIFOBIND, &["stop", "in1", "ghost"]);
+    assert_fails(&out, 69, "not running: ghost");
+    assert!(!alive(input), "in1 was stopped all the same");
+    // A bind-input drained while nobody reads its FIFO keeps running.
+    let input = env.start(BIND_INPUT, &["in2", &port.to_string()]);
+    send(port, b"unread\n");
+    assert!(wait_for(PATIENCE, || {
+        list(&env)
+            .iter()
+            .any(|e| e["id"] == "in2" && e["bytes_out"] == 7)
+    }));
+    let out = env.run(FIFOBIND, &["stop", "--drain", "--timeout", "0.3", "in2"]);
+    assert_fails(&out, 75, "still running after 0.3 s: in2");
+    assert!(alive(input));
+    assert_fails(&env.run(FIFOBIND, &["stop"]), 2, "NAME");
+    assert_fails(&env.run(FIFOBIND, &["stop", "../x"]), 2, "invalid NAME");
+}
+
+#[test]
+fn stop_drain_loses_nothing_of_a_slow_remote_or_an_unread_fifo() {
+    let env = Env::new();
+    // bind-output to a remote that starts reading only after a plain
+    // stop's flush limit (0.9 s) has passed: --drain sends it all anyway.
+    // (Whether a plain stop would lose some depends on how much the
+    // kernel's socket buffers absorb: here they often take it all.)
+    let (listener, remote) = listener();
+    small_receive_window(&listener);
+    let output = env.start(BIND_OUTPUT, &["out1", "127.0.0.1", &remote.to_string()]);
+    let mut peer = accept(&listener);
+    let lines: Vec<String> = (0..20000)
+        .map(|i| format!("line {i:05} of the drain test"))
+        .collect();
+    std::fs::write(env.fifo("out1"), lines.join("\n") + "\n").unwrap();
+    let mut stop = env.spawn(Command::new(FIFOBIND).args(["stop", "--drain", "out1"]));
+    std::thread::sleep(Duration::from_millis(1500)); // a slow remote
+    let (got, closed) = read_until_closed(&mut peer, PATIENCE);
+    assert!(closed);
+    assert_eq!(got.len(), lines.len(), "lines lost");
+    assert!(got == lines);
+    stop.assert_ends_ok();
+    assert!(!alive(output), "stop returns once it is gone");
+
+    // bind-input: stopped only once its FIFO has been read empty.
+    let port = free_port();
+    let input = env.start(BIND_INPUT, &["in1", &port.to_string()]);
+    send(port, b"a\nb\n");
+    assert!(wait_for(PATIENCE, || {
+        list(&env)
+            .iter()
+            .any(|e| e["id"] == "in1" && e["bytes_out"] == 4)
+    }));
+    let mut stop = env.spawn(Command::new(FIFOBIND).args(["stop", "-d", "in1"]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(input), "stopped with lines unread");
+    assert_eq!(read_lines(&env.fifo("in1"), 2), ["a", "b"]);
+    stop.assert_ends_ok();
+    assert!(!alive(input));
+    env.assert_clean();
+}
+
+#[test]
+fn completions_load_in_bash_and_offer_the_live_names() {
+    let env = Env::new();
+    let port = free_port();
+    env.start(BIND_INPUT, &["in1", &port.to_string()]);
+    let out = env.bash(
+        r#"source <(fifobind completions bash) || exit 1
+        for c in bind-input bind-output pool master fifobind; do complete -p "$c" || exit 1; done
+        COMP_WORDS=(fifobind stop ""); COMP_CWORD=2; _fifobind_live
+        echo "names: ${COMPREPLY[*]}"
+        COMP_WORDS=(bind-input --f); COMP_CWORD=1; COMPREPLY=(); _bind__input bind-input --f bind-input
+        echo "options: ${COMPREPLY[*]}""#,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(text.contains("-F _bind__input bind-input"), "{text}");
+    assert!(text.contains("_fifobind_live"), "{text}");
+    assert!(text.contains("names: in1\n"), "{text}");
+    assert!(text.contains("--foreground"), "{text}");
+    for shell in ["zsh", "fish"] {
+        let out = env.run(FIFOBIND, &["completions", shell]);
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{}",
+            describe(&out)
+        );
+    }
+    assert_fails(&env.run(FIFOBIND, &["completions", "tcsh"]), 2, "tcsh");
+    let out = env.run(FIFOBIND, &["stop", "in1"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    env.assert_clean();
+}
