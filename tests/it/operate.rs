@@ -672,3 +672,61 @@ fn completions_load_in_bash_and_offer_the_live_names() {
     assert!(out.status.success(), "{}", describe(&out));
     env.assert_clean();
 }
+
+/// The long options `fifobind SUBCOMMAND --help` lists (hidden ones are
+/// not listed, and need no page).
+fn long_options(env: &Env, subcommand: &[&str]) -> Vec<String> {
+    let mut args = subcommand.to_vec();
+    args.push("--help");
+    let out = env.run(FIFOBIND, &args);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim_start();
+        if !line.starts_with('-') {
+            continue;
+        }
+        for word in line.split_whitespace() {
+            let word = word.trim_end_matches(',');
+            if word.starts_with("--") && word.len() > 2 {
+                found.push(word.to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn fifobind_page_has_the_fixed_sections_and_an_item_for_every_option() {
+    use crate::man::{SECTIONS, headings, item_tags, mentions, page, section};
+    let env = Env::new();
+    let roff = page("fifobind");
+    let found = headings(&roff);
+    let mut rest = found.iter();
+    for wanted in SECTIONS {
+        assert!(rest.any(|h| h == wanted), "section {wanted}: {found:?}");
+    }
+    let tags = item_tags(section(&roff, "OPTIONS"));
+    let mut missing = Vec::new();
+    for sub in [&[][..], &["list"], &["stop"], &["completions"]] {
+        let longs = long_options(&env, sub);
+        assert!(longs.iter().any(|l| l == "--help"), "{sub:?}: {longs:?}");
+        for long in longs {
+            if !tags.iter().any(|t| mentions(t, &long)) {
+                missing.push(format!("{sub:?} {long}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in OPTIONS of fifobind(1): {missing:?}"
+    );
+    // Each subcommand has its item in DESCRIPTION.
+    let described = item_tags(section(&roff, "DESCRIPTION"));
+    for sub in ["list", "stop", "completions"] {
+        assert!(
+            described.iter().any(|t| t.contains(sub)),
+            "{sub}: {described:?}"
+        );
+    }
+}
