@@ -730,3 +730,137 @@ fn fifobind_page_has_the_fixed_sections_and_an_item_for_every_option() {
         );
     }
 }
+
+// ---------------------------------------------------------------------
+// The example units of scripts/examples.
+
+/// Example unit `name`, pointed at this build and this test: installed
+/// paths, the port, the directories and the key file rewritten.
+fn example_unit(env: &Env, name: &str, port: u16) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("scripts/examples").join(name)).unwrap();
+    let bins = std::path::Path::new(BIND_INPUT).parent().unwrap();
+    text.replace("/usr/bin/", &format!("{}/", bins.display()))
+        .replace(
+            "/usr/share/doc/fifobind/examples/",
+            &format!("{}/scripts/examples/", root.display()),
+        )
+        .replace("9999", &port.to_string())
+        .replace("9000", &port.to_string())
+        .replace("/run/fifobind", env.dir.to_str().unwrap())
+        .replace("/var/log/fifobind", env.tmp().join("log").to_str().unwrap())
+        .replace("/etc/fifobind/key", env.tmp().join("key").to_str().unwrap())
+}
+
+/// The value of `key=` in a unit.
+fn unit_value(unit: &str, key: &str) -> String {
+    let prefix = format!("{key}=");
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {key}= in {unit}"))
+        .to_string()
+}
+
+#[test]
+fn example_units_pass_systemd_analyze_verify() {
+    let env = Env::new();
+    let ok = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("skipped: systemd-analyze is missing (Debian package systemd)");
+        return;
+    }
+    let names = [
+        "fifobind-input.socket",
+        "fifobind-input.service",
+        "fifobind-pool.service",
+    ];
+    let units = env.tmp().join("units");
+    std::fs::create_dir(&units).unwrap();
+    for name in names {
+        assert!(unit_value(&example_unit(&env, name, 9999), "Description").len() > 10);
+        std::fs::write(units.join(name), example_unit(&env, name, free_port())).unwrap();
+    }
+    let out = run_with_timeout(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(names.map(|n| units.join(n))),
+    );
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn the_socket_activated_input_unit_runs_as_systemd_would_run_it() {
+    if !has_socket_activate() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let unit = example_unit(&env, "fifobind-input.service", port);
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    let socket = example_unit(&env, "fifobind-input.socket", port);
+    assert_eq!(unit_value(&socket, "ListenStream"), port.to_string());
+    let notify = NotifySocket::new(&env);
+    let exec = unit_value(&unit, "ExecStart");
+    let mut service = env.spawn(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-E")
+            .arg(unit_value(&unit, "Environment"))
+            .arg("-E")
+            .arg(format!("NOTIFY_SOCKET={}", notify.path.display()))
+            .args(exec.split_whitespace()),
+    );
+    assert!(service.wait_stderr(PATIENCE, |s| s.contains("Listening on")));
+    send(port, b"first\n");
+    notify.wait_for("READY=1");
+    assert_eq!(
+        read_lines(&env.fifo("in1"), 1),
+        ["first"],
+        "{}",
+        service.describe()
+    );
+    kill(service.pid(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1");
+    service.assert_ends_ok();
+    env.assert_clean();
+}
+
+#[test]
+fn the_pool_unit_runs_as_systemd_would_run_it() {
+    let env = Env::new();
+    let port = free_port();
+    let unit = example_unit(&env, "fifobind-pool.service", port);
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    std::fs::write(env.tmp().join("key"), "k3y\n").unwrap();
+    let exec = unit_value(&unit, "ExecStart");
+    let script = exec
+        .strip_prefix("/bin/sh -c '")
+        .and_then(|s| s.strip_suffix('\''))
+        .expect("ExecStart=/bin/sh -c '...'");
+    let notify = NotifySocket::new(&env);
+    let mut service = env.spawn(
+        Command::new("/bin/sh")
+            .args(["-c", script])
+            .env("NOTIFY_SOCKET", &notify.path),
+    );
+    notify.wait_for("READY=1");
+    TcpStream::connect(("127.0.0.1", port)).expect("READY=1 means listening");
+    let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
+    let out = env.run_master("k3y", port, &ddir);
+    assert!(out.status.success(), "{}", describe(&out));
+    service.assert_ends_ok();
+    let logs = env.tmp().join("log");
+    for (name, line) in [("d1", "one"), ("d2", "two")] {
+        let text = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
+        assert!(text.trim_end().ends_with(&format!(" {line}")), "{text}");
+    }
+    env.assert_clean();
+}
