@@ -216,8 +216,8 @@ fn field(e: &Map<String, Value>, key: &str) -> String {
 
 /// The human form: one line per entry, columns aligned.
 fn table(found: &[Map<String, Value>]) -> String {
-    const HEAD: [&str; 11] = [
-        "ID", "KIND", "PID", "PORT", "PEERS", "IN", "OUT", "LINES", "READER", "WRITER", "AGE",
+    const HEAD: [&str; 10] = [
+        "ID", "KIND", "PID", "PORT", "PEERS", "IN", "OUT", "READER", "WRITER", "AGE",
     ];
     let rows: Vec<Vec<String>> = found
         .iter()
@@ -234,7 +234,6 @@ fn table(found: &[Map<String, Value>]) -> String {
                 field(e, "peers"),
                 field(e, "bytes_in"),
                 field(e, "bytes_out"),
-                field(e, "lines_out"),
                 field(e, "reader"),
                 field(e, "writer"),
                 format!("{}s", field(e, "age")),

@@ -309,8 +309,7 @@ impl Relay<'_> {
             };
             match nix::unistd::write(self.binding.fifo.file(), chunk) {
                 Ok(n) => {
-                    // Counted per write, in data the write just had in cache.
-                    crate::status::add_out(n, memchr::memchr_iter(b'\n', &chunk[..n]).count());
+                    crate::status::add_out(n);
                     conn.lines.consumed(n);
                     self.owner = conn.lines.mid_line().then_some(conn.token);
                     self.turn = conn.token + 1;

@@ -149,7 +149,7 @@ impl Relay<'_> {
             };
             if n > 0 {
                 crate::status::add_in(n as usize);
-                crate::status::add_out(n as usize, 0);
+                crate::status::add_out(n as usize);
             }
             if n as usize == CHUNK {
                 continue;

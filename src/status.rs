@@ -25,7 +25,6 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 
 static BYTES_IN: AtomicU64 = AtomicU64::new(0);
 static BYTES_OUT: AtomicU64 = AtomicU64::new(0);
-static LINES_OUT: AtomicU64 = AtomicU64::new(0);
 /// Bumped on every change that is not a counter (peers).
 static CHANGES: AtomicU64 = AtomicU64::new(0);
 static STOPPED: AtomicBool = AtomicBool::new(false);
@@ -35,8 +34,6 @@ struct Publisher {
     /// The fixed fields: id, kind, pid, port, since, ...
     fixed: serde_json::Map<String, serde_json::Value>,
     peers: Vec<String>,
-    /// Whether lines are counted (bind-input); else `lines_out` is null.
-    counts_lines: bool,
 }
 
 static PUBLISHER: Mutex<Option<Publisher>> = Mutex::new(None);
@@ -51,7 +48,6 @@ pub struct Identity<'a> {
     pub host: Option<&'a str>,
     /// The FIFO (bindings).
     pub fifo: Option<&'a Path>,
-    pub counts_lines: bool,
 }
 
 /// Starts publishing the figures of a binding (see [`start`]).
@@ -64,7 +60,6 @@ pub fn start_binding(binding: &crate::binding::Binding, kind: &str, port: u16, h
             port,
             host,
             fifo: Some(binding.fifo.path()),
-            counts_lines: kind == "bind-input",
         },
     );
 }
@@ -85,7 +80,6 @@ pub fn start_owner(
             port,
             host,
             fifo: None,
-            counts_lines: false,
         },
     );
 }
@@ -114,7 +108,6 @@ pub fn start(dir: &Path, who: Identity<'_>) {
         path: dir.join(format!(".{}.status", who.name)),
         fixed,
         peers: Vec::new(),
-        counts_lines: who.counts_lines,
     };
     publisher.write();
     *lock() = Some(publisher);
@@ -148,11 +141,10 @@ fn run() {
     }
 }
 
-fn figures() -> [u64; 4] {
+fn figures() -> [u64; 3] {
     [
         BYTES_IN.load(Ordering::Relaxed),
         BYTES_OUT.load(Ordering::Relaxed),
-        LINES_OUT.load(Ordering::Relaxed),
         CHANGES.load(Ordering::Relaxed),
     ]
 }
@@ -163,9 +155,10 @@ impl Publisher {
         object.insert("peers".into(), self.peers.clone().into());
         object.insert("bytes_in".into(), BYTES_IN.load(Ordering::Relaxed).into());
         object.insert("bytes_out".into(), BYTES_OUT.load(Ordering::Relaxed).into());
+        // Counting lines would take a pass over every byte on the data
+        // path: not counted (yet), and said so.
         object.insert("lines_in".into(), serde_json::Value::Null);
-        let lines = self.counts_lines.then(|| LINES_OUT.load(Ordering::Relaxed));
-        object.insert("lines_out".into(), lines.into());
+        object.insert("lines_out".into(), serde_json::Value::Null);
         let text = serde_json::Value::Object(object).to_string() + "\n";
         let tmp = self.path.with_extension("status-new");
         let written = fs::OpenOptions::new()
@@ -193,13 +186,9 @@ pub fn add_in(bytes: usize) {
     BYTES_IN.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
-/// Bytes passed on (into the FIFO, or to the socket), per batch, with the
-/// lines among them where they are counted.
-pub fn add_out(bytes: usize, lines: usize) {
+/// Bytes passed on (into the FIFO, or to the socket), per batch.
+pub fn add_out(bytes: usize) {
     BYTES_OUT.fetch_add(bytes as u64, Ordering::Relaxed);
-    if lines > 0 {
-        LINES_OUT.fetch_add(lines as u64, Ordering::Relaxed);
-    }
 }
 
 /// A peer connected (or, for a pool, a master authenticated).
