@@ -330,7 +330,10 @@ pub struct Master {
 }
 
 impl Master {
+    /// The master's options; also takes NOTIFY_SOCKET for itself (so its
+    /// daemons and bindings never inherit it): call it before any thread.
     pub fn options(self) -> Result<MasterOptions> {
+        crate::notify::init(None, true)?;
         Ok(MasterOptions {
             key: self.key.resolve()?,
             host: self.host,

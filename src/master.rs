@@ -199,6 +199,7 @@ impl Master {
             }
             return Err(e);
         }
+        crate::notify::ready(&format!("{} daemons running", self.daemons.len()));
         self.wait(signals)
     }
 

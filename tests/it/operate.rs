@@ -865,3 +865,40 @@ fn the_pool_unit_runs_as_systemd_would_run_it() {
     }
     env.assert_clean();
 }
+
+#[test]
+fn master_says_ready_once_its_daemons_run_and_they_do_not_inherit_notify_socket() {
+    let env = Env::new();
+    let notify = NotifySocket::new(&env);
+    let port = free_port();
+    let consumer = env.spawn_bash(&consumer(port, "k3y"));
+    ready(&consumer);
+    let ddir = env.daemons(&[(
+        "d1",
+        r#"echo "socket=${NOTIFY_SOCKET:-none}"; exec sleep 30"#,
+    )]);
+    let mut master = env.spawn(
+        Command::new(MASTER)
+            .args([
+                "k3y",
+                "127.0.0.1",
+                &port.to_string(),
+                ddir.to_str().unwrap(),
+            ])
+            .env("NOTIFY_SOCKET", &notify.path),
+    );
+    let seen = notify.wait_for("READY=1");
+    assert_eq!(
+        main_pid(seen.last().unwrap()),
+        Some(master.pid()),
+        "{seen:?}"
+    );
+    assert!(
+        consumer.wait_stdout(PATIENCE, |s| s.contains("[d1] socket=none")),
+        "{}",
+        consumer.describe()
+    );
+    kill(master.pid(), libc::SIGTERM);
+    master.assert_stopped_by(libc::SIGTERM);
+    drop(consumer);
+}
