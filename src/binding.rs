@@ -38,6 +38,9 @@ pub struct Common {
     /// A pipe's read end held open by a parent; end-of-file on it means the
     /// parent died, and the binding closes.
     pub watchdog_fd: Option<RawFd>,
+    /// With `foreground`: a descriptor to write a newline to once ready
+    /// (s6's notification-fd).
+    pub ready_fd: Option<RawFd>,
 }
 
 impl Binding {
@@ -48,6 +51,8 @@ impl Binding {
         // Checked first: a bad descriptor is a usage error, refused before
         // anything is created.
         let watchdog = common.watchdog_fd.map(adopt_fd).transpose()?;
+        crate::notify::init(common.ready_fd, common.foreground)?;
+        crate::activation::adopt()?;
         if !common.foreground {
             // A daemon must not keep its caller's descriptors: a pipe held
             // open here would hang `pid=$(bind-input ... 3> >(cat))`.
@@ -149,6 +154,7 @@ impl Binding {
 
 impl Drop for Binding {
     fn drop(&mut self) {
+        crate::status::finish();
         self.fifo.remove();
         if let Some(claim) = self.claim.take() {
             claim.release();

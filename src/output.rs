@@ -69,6 +69,13 @@ pub fn run(opts: OutputOptions) -> Result<()> {
             binding.id,
             binding.fifo.path().display()
         );
+        crate::status::start_binding(
+            binding,
+            "bind-output",
+            opts.port.0,
+            Some(opts.host.as_str()),
+        );
+        crate::status::peer_added(&peer);
         binding.ready(ready);
         let mut relay = Relay {
             binding,
@@ -208,6 +215,10 @@ impl Relay<'_> {
                     libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
                 )
             };
+            if n > 0 {
+                crate::status::add_in(n as usize);
+                crate::status::add_out(n as usize);
+            }
             if n as usize == CHUNK {
                 continue;
             }
