@@ -467,6 +467,9 @@ fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Res
         }
     };
     stream.set_nonblocking(true).map_err(io_err)?;
+    // Little in flight: what the spool holds as sent stays small, so the
+    // spool's room is for what the FIFO brings.
+    let _ = net::limit_unsent(&stream, UNSENT_LIMIT);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(2))
