@@ -7,7 +7,14 @@
 //! concurrent connections never interleave. When the FIFO is full, the
 //! binding stops reading the sockets whose buffers are full and TCP flow
 //! control holds the senders back: memory stays bounded by
-//! `--max-conns × LINE_BUFFER + MAX_GROWN × BULK_BUFFER`.
+//! `--max-conns × LINE_BUFFER + MAX_GROWN × BULK_BUFFER` (with `--key`,
+//! plus [`RAW_LIMIT`] of sealed bytes per connection).
+//!
+//! With `--key` a connection speaks the stream protocol (see stream.rs):
+//! its handshake runs in this same loop, step by step as its bytes come,
+//! so a slow or hostile client never holds the others up, and nothing
+//! reaches its line buffer before it has authenticated and named its
+//! stream.
 //!
 //! Whole lines go into the FIFO only as far as the kernel takes them whole
 //! ([`PipeRoom`]), and no connection can hold the binding: mid-line

@@ -402,6 +402,8 @@ impl Relay<'_> {
 
 /// How much sealed data may wait for the socket before more is sealed.
 const OUT_HIGH: usize = 2 * crate::secure::MAX_BODY;
+/// Failures to reconnect this soon after a break are logged as warnings.
+const BACKOFF_FIRST_LOG: Duration = Duration::from_millis(150);
 /// Drops under `--spool-full drop-oldest` are logged at most this often.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -807,7 +809,13 @@ impl Sender<'_> {
                 self.backoff.reset();
             }
             Err(e) => {
-                log::debug!("reconnecting: {e}");
+                // The first failure after a break says why; the rest,
+                // one per backoff step, only at debug level.
+                if self.next_try <= broken + self.opts.backoff_max.min(BACKOFF_FIRST_LOG) {
+                    log::warn!("cannot reconnect yet: {e}");
+                } else {
+                    log::debug!("reconnecting: {e}");
+                }
                 if let Some(limit) = self.opts.retry_for
                     && broken.elapsed() >= limit
                 {
