@@ -225,6 +225,8 @@ struct Keyed {
     last_ack: Instant,
     /// The sender said Close: what is left is written, then acknowledged.
     closing: bool,
+    /// Broken off: nothing more is read.
+    gone: bool,
 }
 
 impl Keyed {
@@ -244,6 +246,7 @@ impl Keyed {
             acked: 0,
             last_ack: Instant::now(),
             closing: false,
+            gone: false,
         }
     }
 
@@ -270,7 +273,7 @@ impl Conn {
     fn wants_input(&self) -> bool {
         match &self.keyed {
             None => self.lines.wants_input(),
-            Some(k) => !self.lines.finished() && !k.closing && k.raw.len() < RAW_LIMIT,
+            Some(k) => !self.lines.finished() && !k.closing && !k.gone && k.raw.len() < RAW_LIMIT,
         }
     }
 
@@ -305,6 +308,7 @@ impl Conn {
         if let Some(k) = self.keyed.as_mut() {
             k.buffered = 0;
             k.raw.clear();
+            k.gone = true;
         }
     }
 
@@ -408,6 +412,14 @@ impl Relay<'_> {
         loop {
             if !self.fifo_blocked {
                 self.write_pending()?;
+            }
+            if self.opts.key.is_some() {
+                // Frames that waited for room in a line buffer: the writes
+                // just made may have made it.
+                self.open_frames();
+                if !self.fifo_blocked {
+                    self.write_pending()?;
+                }
             }
             let before = self.conns.len();
             let per_addr = &mut self.per_addr;
