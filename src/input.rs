@@ -92,6 +92,12 @@ pub struct InputOptions {
 /// two whole frames, so reading stops (and TCP holds the sender back)
 /// while the FIFO is full.
 const RAW_LIMIT: usize = 2 * (secure::MAX_BODY + 64);
+/// Wrong keys: the first holds its address back this long, each next one
+/// twice as long, up to [`PENALTY_MAX`]; a summary goes to the log at
+/// most every [`PENALTY_LOG`], not a line per attempt.
+const PENALTY_BASE: Duration = Duration::from_secs(1);
+const PENALTY_MAX: Duration = Duration::from_secs(60);
+const PENALTY_LOG: Duration = Duration::from_secs(10);
 
 pub fn run(opts: InputOptions) -> Result<()> {
     let binding = Binding::open(&opts.id, &opts.common)?;
@@ -138,6 +144,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             arrived: false,
             streams: Streams::default(),
             once_stream: None,
+            penalties: crate::penalty::Penalties::new(PENALTY_BASE, PENALTY_MAX, 4096),
             opts: &opts,
         };
         relay.serve(stop)
@@ -402,6 +409,8 @@ struct Relay<'a> {
     once_stream: Option<String>,
     /// With a key: the offset of every stream seen.
     streams: Streams,
+    /// With a key: addresses held back after wrong keys.
+    penalties: crate::penalty::Penalties,
     opts: &'a InputOptions,
 }
 
@@ -757,6 +766,20 @@ impl Relay<'_> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
+            if self.opts.key.is_some()
+                && let Some(wait) = self.penalties.wait(from, Instant::now())
+            {
+                // Held back after a wrong key: told so, in clear text,
+                // instead of a greeting (and no key exchange is spent).
+                use std::io::Write;
+                let refusal = format!(
+                    "ERR too many wrong keys from {from}; retry in {} s\n",
+                    wait.as_secs_f64().ceil()
+                );
+                let _ = (&stream).write(refusal.as_bytes());
+                log::debug!("refused connection from {peer}: held back after wrong keys");
+                continue;
+            }
             let keepalive = socket2::TcpKeepalive::new()
                 .with_time(KEEPALIVE_IDLE)
                 .with_interval(KEEPALIVE_INTERVAL)
@@ -788,10 +811,27 @@ impl Relay<'_> {
     /// fails to authenticate is closed.
     fn open_frames(&mut self) {
         for idx in 0..self.conns.len() {
-            if let Err(why) = self.open_conn(idx) {
-                let c = &mut self.conns[idx];
-                let streaming = c.keyed.as_ref().is_some_and(|k| k.step == Step::Streaming);
-                if streaming {
+            let was = self.conns[idx].keyed.as_ref().map(|k| k.step);
+            let result = self.open_conn(idx);
+            let c = &mut self.conns[idx];
+            let now_step = c.keyed.as_ref().map(|k| k.step);
+            if was == Some(Step::Confirming) && now_step != was && result.is_ok() {
+                self.penalties.succeeded(c.peer.ip());
+            }
+            if let Err(why) = result {
+                let streaming = now_step == Some(Step::Streaming);
+                if now_step == Some(Step::Confirming) {
+                    // A key guess: the address waits before its next one,
+                    // and the log gets a summary, not a line each.
+                    let delay = self.penalties.failed(c.peer.ip(), Instant::now());
+                    log::debug!(
+                        "connection from {}: {why}: closed, nothing of it reaches the FIFO; \
+                         {} held back for {} s",
+                        c.peer,
+                        c.peer.ip(),
+                        delay.as_secs()
+                    );
+                } else if streaming {
                     log::warn!(
                         "connection from {}: {why}: closed (its unwritten data is dropped; its sender resends it)",
                         c.peer
@@ -804,6 +844,9 @@ impl Relay<'_> {
                 }
                 c.break_off();
             }
+        }
+        if let Some(line) = self.penalties.summary(Instant::now(), PENALTY_LOG) {
+            log::warn!("{line}");
         }
     }
 

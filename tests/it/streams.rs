@@ -134,32 +134,62 @@ fn wrong_keys_and_plain_clients_get_nothing_in() {
         "k12",
         &["--key", "-", "--once", "in1", &ports],
     );
-    let out = run_with_timeout(env.cmd(BIND_OUTPUT).env("FIFOBIND_KEY", "k13").args([
-        "--key",
-        "-",
-        "bad",
-        "127.0.0.1",
-        &ports,
-    ]));
-    assert_fails(&out, 69, "keys differ");
     // A plain client's lines, and a plain client that greets like a
     // stream, but with garbage.
     send(port, b"forged line 1\nforged line 2\n");
     send(port, b"FIFOBIND 2 STREAM 00\nforged line 3\n");
     let log = env.dir.join(".in1.log");
+    let refused = |n| {
+        wait_for(PATIENCE, || {
+            count(
+                &fs::read_to_string(&log).unwrap_or_default(),
+                "nothing of it reaches the FIFO",
+            ) >= n
+        })
+    };
+    assert!(refused(2), "{}", env.logs());
+    let keyed = |key: &str, id: &str| {
+        run_with_timeout(env.cmd(BIND_OUTPUT).env("FIFOBIND_KEY", key).args([
+            "--key",
+            "-",
+            id,
+            "127.0.0.1",
+            &ports,
+        ]))
+    };
+    assert_fails(&keyed("k13", "bad"), 69, "keys differ");
+    assert!(refused(3), "{}", env.logs());
+    // A wrong key holds its address back (1 s, doubling): a next try at
+    // once is refused without a key exchange.
+    let mut held = false;
+    for _ in 0..5 {
+        let out = keyed("k13", "bad");
+        assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
+        if String::from_utf8_lossy(&out.stderr).contains("too many wrong keys") {
+            held = true;
+            break;
+        }
+    }
+    assert!(held, "wrong keys are not held back\n{}", env.logs());
+    // The right key gets in once the hold-back is over.
+    let mut pout = 0;
     assert!(
-        wait_for(PATIENCE, || count(
-            &fs::read_to_string(&log).unwrap_or_default(),
-            "nothing of it reaches the FIFO"
-        ) >= 3),
+        wait_for(PATIENCE, || {
+            let out = keyed("k12", "good");
+            if out.status.success() {
+                pout = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+                return true;
+            }
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("too many wrong keys"),
+                "{}",
+                describe(&out)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }),
         "{}",
         env.logs()
-    );
-    let pout = start_keyed(
-        &env,
-        BIND_OUTPUT,
-        "k12",
-        &["--key", "-", "good", "127.0.0.1", &ports],
     );
     fs::write(env.fifo("good"), "the only line\n").unwrap();
     let got = read_lines(&env.fifo("in1"), 1);
