@@ -511,3 +511,46 @@ fn plain_reconnect_outlives_nc_restarts() {
     kill(listener.pid(), libc::SIGTERM);
     env.assert_clean();
 }
+
+/// `--key-fd`: the secret comes through a pipe, read once and closed;
+/// both ends that read the same secret make a pair.
+#[test]
+fn key_fd_gives_the_secret_through_a_pipe() {
+    let env = Env::new();
+    let port = free_port();
+    let script = format!(
+        r#"set -e
+in=$(bind-input --key-fd 3 in1 {port} 3< <(printf 'f00d%.0s' 1 2 3 4; echo))
+out=$(bind-output --key-fd 3 out1 127.0.0.1 {port} 3< <(printf 'f00d%.0s' 1 2 3 4))
+dir=${{FIFOBIND_DIR}}
+echo "through a pipe" > "$dir/out1"
+IFS= read -r line < "$dir/in1"
+echo "got: $line"
+kill "$out" "$in"
+"#
+    );
+    let out = env.bash(&script);
+    assert!(out.status.success(), "{}\n{}", describe(&out), env.logs());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got: through a pipe\n"
+    );
+    // Not an open descriptor: a usage error, nothing created.
+    let bad = env.run(BIND_INPUT, &["--key-fd", "9", "in2", &port.to_string()]);
+    assert_fails(&bad, 2, "--key-fd 9");
+    // Another secret is a wrong key.
+    let port = free_port();
+    let pin = start_keyed(
+        &env,
+        BIND_INPUT,
+        "k12",
+        &["--key", "-", "in3", &port.to_string()],
+    );
+    let wrong = env.bash(&format!(
+        "bind-output --key-fd 3 out3 127.0.0.1 {port} 3< <(printf other)"
+    ));
+    assert_fails(&wrong, 69, "keys differ");
+    kill(pin, libc::SIGTERM);
+    assert!(wait_gone(pin, PATIENCE));
+    env.assert_clean();
+}
