@@ -554,3 +554,40 @@ kill "$out" "$in"
     assert!(wait_gone(pin, PATIENCE));
     env.assert_clean();
 }
+
+/// A reader that does not read: flow control holds everything back
+/// (receiver's buffers bounded, the sender's spool full, the writer
+/// held), then everything arrives once the reader reads.
+#[test]
+fn a_slow_reader_holds_the_keyed_stream_back_with_memory_bounded() {
+    const LINES: u64 = 80_000;
+    let env = Env::new();
+    let port = free_port().to_string();
+    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &port]);
+    let pout = start_keyed(
+        &env,
+        BIND_OUTPUT,
+        "k12",
+        &["--key", "-", "--spool", "1M", "out1", "127.0.0.1", &port],
+    );
+    let (rss_in, rss_out) = (RssSampler::start(pin), RssSampler::start(pout));
+    let w = Arc::new(AtomicU64::new(0));
+    let t = writer(env.fifo("out1"), 0..LINES, 2000, Duration::ZERO, w.clone());
+    let held = wait_stalled(&w, Duration::from_secs(1), PATIENCE).expect("writer never held");
+    let total: u64 = (0..LINES).map(|i| line(i).len() as u64).sum();
+    assert!(held < total, "the writer was not held");
+    let got = read_n(&env.fifo("in1"), LINES as usize, 2 * PATIENCE);
+    t.join().unwrap();
+    assert_exactly(&got, 0, LINES, &env.logs());
+    let (kin, kout) = (rss_in.finish(), rss_out.finish());
+    eprintln!(
+        "slow reader: writer held at {held} of {total} bytes; max RSS bind-input {kin} KiB, \
+         bind-output {kout} KiB (spool 1 MiB)"
+    );
+    assert!(kin < 32 * 1024, "bind-input {kin} KiB");
+    assert!(kout < 32 * 1024, "bind-output {kout} KiB");
+    kill(pout, libc::SIGTERM);
+    kill(pin, libc::SIGTERM);
+    assert!(wait_gone(pout, PATIENCE) && wait_gone(pin, PATIENCE));
+    env.assert_clean();
+}
