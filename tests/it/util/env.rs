@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::alive;
+use super::{alive, all_pids};
 
 pub const BIND_INPUT: &str = env!("CARGO_BIN_EXE_bind-input");
 pub const BIND_OUTPUT: &str = env!("CARGO_BIN_EXE_bind-output");
@@ -77,22 +77,6 @@ impl Env {
         run_with_timeout(self.cmd(program).args(args))
     }
 
-    /// Starts a binding and returns the PID it printed, asserting success.
-    pub fn start(&self, program: &str, args: &[&str]) -> i32 {
-        let out = self.run(program, args);
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}",
-            describe(&out)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert!(
-            text.ends_with('\n') && text.lines().count() == 1,
-            "stdout {text:?}"
-        );
-        text.trim().parse().expect("a PID on stdout")
-    }
-
     /// A bash script run with this test's runtime directory.
     pub fn bash(&self, script: &str) -> Output {
         run_with_timeout(
@@ -105,26 +89,11 @@ impl Env {
 
     /// Every process whose environment names this test's runtime directory.
     pub fn processes(&self) -> Vec<i32> {
-        let needle = format!("FIFOBIND_DIR={}", self.dir.display());
         let me = std::process::id() as i32;
-        let mut found = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == me || !alive(pid) {
-                continue;
-            }
-            if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
-                let hit = env
-                    .split(|&b| b == 0)
-                    .any(|var| var.starts_with(needle.as_bytes()));
-                if hit {
-                    found.push(pid);
-                }
-            }
-        }
-        found
+        all_pids()
+            .into_iter()
+            .filter(|&pid| pid != me && alive(pid) && runs_in(pid, &self.dir))
+            .collect()
     }
 
     /// Waits until no process of this test runs any more.
@@ -157,20 +126,34 @@ impl Env {
 
     /// The bindings' logs, for failure messages.
     pub fn logs(&self) -> String {
-        let mut text = String::new();
-        if let Ok(entries) = fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.ends_with(".log") {
-                    text += &format!(
-                        "--- {name}\n{}",
-                        fs::read_to_string(e.path()).unwrap_or_default()
-                    );
-                }
+        logs_in(&self.dir)
+    }
+}
+
+/// Whether process `pid` has runtime directory `dir` in its environment.
+pub(super) fn runs_in(pid: i32, dir: &Path) -> bool {
+    let needle = format!("FIFOBIND_DIR={}", dir.display());
+    fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|&b| b == 0)
+            .any(|var| var.starts_with(needle.as_bytes()))
+    })
+}
+
+/// The logs in runtime directory `dir`, for failure messages.
+pub(super) fn logs_in(dir: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".log") {
+                text += &format!(
+                    "--- {name}\n{}",
+                    fs::read_to_string(e.path()).unwrap_or_default()
+                );
             }
         }
-        text
     }
+    text
 }
 
 fn collect(dir: &Path, found: &mut Vec<String>) {

@@ -1,6 +1,7 @@
 //! The test harness, one module per concern, all re-exported here so that
 //! a test says `use crate::util::*;` and finds every helper.
 
+mod binding;
 mod env;
 mod net;
 mod pool;
@@ -9,6 +10,7 @@ mod read;
 mod skip;
 mod spawned;
 
+pub use binding::*;
 pub use env::*;
 pub use net::*;
 pub use pool::*;

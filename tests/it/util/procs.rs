@@ -46,7 +46,7 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(String::from).collect())
 }
 
-fn all_pids() -> Vec<i32> {
+pub fn all_pids() -> Vec<i32> {
     fs::read_dir("/proc")
         .unwrap()
         .flatten()
