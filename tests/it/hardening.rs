@@ -393,10 +393,11 @@ fn flood_into_unread_fifo_is_held_back_and_delivered_intact() {
 
     let started = Instant::now();
     let mut check = FloodCheck::default();
-    let read = read_chunks(&env.fifo("flood"), PATIENCE, |chunk| {
+    let read = read_until(open_fifo(&env.fifo("flood")), PATIENCE, |chunk| {
         check.feed(chunk);
         check.next < lines
-    });
+    })
+    .bytes;
     sender.join().expect("the sender finished");
     let max = sampler.finish();
     println!(
@@ -460,7 +461,7 @@ fn endless_line_is_passed_on_in_pieces() {
         let (fifo, received) = (env.fifo("long"), received.clone());
         std::thread::spawn(move || {
             let mut check = LongCheck::default();
-            read_chunks(&fifo, PATIENCE, |chunk| {
+            read_until(open_fifo(&fifo), PATIENCE, |chunk| {
                 check.feed(LONG, chunk);
                 received.fetch_add(chunk.len() as u64, Ordering::SeqCst);
                 check.tail.len() < "\nother line\nafter\n".len()

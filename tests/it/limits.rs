@@ -34,7 +34,7 @@ fn stalled_long_line_holds_the_fifo_only_for_the_line_timeout() {
     let progress = read.clone();
     let reader = std::thread::spawn(move || {
         let mut got = Vec::new();
-        read_chunks(&fifo, PATIENCE * 2, |c| {
+        read_until(open_fifo(&fifo), PATIENCE * 2, |c| {
             got.extend_from_slice(c);
             progress.store(got.len(), Ordering::SeqCst);
             !got.ends_with(b"short\n")

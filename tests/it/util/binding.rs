@@ -118,3 +118,25 @@ impl Drop for Binding {
         }
     }
 }
+
+/// The guard itself: it must be able to fail, and must leave nothing
+/// behind when it does.
+#[test]
+fn binding_guard_fails_a_binding_that_stays_and_kills_it_on_drop() {
+    use super::{BIND_INPUT, free_port};
+    let env = Env::new();
+    let stays = env.start(BIND_INPUT, &["stays", &free_port().to_string()]);
+    let pid = stays.pid;
+    // Signal 0 stops nothing: the guard must fail, then kill it unwinding.
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stays.stop_within(0, Duration::from_millis(300))
+    }));
+    assert!(failed.is_err(), "stop passed for a binding still running");
+    assert!(!alive(pid), "the failed guard left binding {pid} running");
+    // What a SIGKILL leaves is not the guard's to tidy.
+    assert!(env.fifo("stays").exists() && env.lock("stays").exists());
+
+    let stopped = env.start(BIND_INPUT, &["stopped", &free_port().to_string()]);
+    stopped.stop(libc::SIGTERM);
+    assert!(!env.fifo("stopped").exists() && !env.lock("stopped").exists());
+}

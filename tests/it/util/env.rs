@@ -98,14 +98,12 @@ impl Env {
 
     /// Waits until no process of this test runs any more.
     pub fn wait_no_processes(&self, limit: Duration) -> Vec<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = self.processes();
-            if left.is_empty() || Instant::now() > deadline {
-                return left;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut left = Vec::new();
+        wait_for(limit, || {
+            left = self.processes();
+            left.is_empty()
+        });
+        left
     }
 
     /// Files left in the runtime directory (and below), logs excepted.
@@ -262,16 +260,12 @@ pub fn run_with_timeout(cmd: &mut Command) -> Output {
 }
 
 pub fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut status = None;
+    wait_for(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status
 }
 
 pub fn describe(out: &Output) -> String {

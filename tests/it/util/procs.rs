@@ -4,33 +4,23 @@
 
 use std::fs;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait_for;
+
+const PARENT: usize = 1;
+const GROUP: usize = 2;
 
 /// True unless the process is gone or a zombie.
 pub fn alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
+    stat_fields(pid)
+        .is_some_and(|f| matches!(f.first().map(String::as_str), Some(s) if s != "Z" && s != "X"))
 }
 
+/// Waits until process `pid` is gone (or a zombie); false if it still
+/// runs after `limit`.
 pub fn wait_gone(pid: i32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while alive(pid) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
+    wait_for(limit, || !alive(pid))
 }
 
 pub fn kill(pid: i32, sig: i32) {
@@ -39,7 +29,7 @@ pub fn kill(pid: i32, sig: i32) {
 }
 
 /// Fields of `/proc/PID/stat` after the command name: index 0 is the
-/// state, 1 the parent PID, 2 the process group.
+/// state, [`PARENT`] the parent PID, [`GROUP`] the process group.
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
@@ -56,19 +46,20 @@ pub fn all_pids() -> Vec<i32> {
 
 /// The live (not zombie) children of `pid`.
 pub fn children(pid: i32) -> Vec<i32> {
-    let parent = pid.to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(1) == Some(&parent)))
-        .collect()
+    live_with(PARENT, pid)
 }
 
 /// The live members of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let group = pgid.to_string();
+    live_with(GROUP, pgid)
+}
+
+/// The live processes whose stat field `field` is `value`.
+fn live_with(field: usize, value: i32) -> Vec<i32> {
+    let value = value.to_string();
     all_pids()
         .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(2) == Some(&group)))
+        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(field) == Some(&value)))
         .collect()
 }
 

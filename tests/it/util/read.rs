@@ -2,10 +2,9 @@
 //! with a deadline, as a test must (a missing line fails the test instead
 //! of hanging it); and the documented bash reading loop itself.
 
-use std::fs;
-use std::io::Read;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,11 +28,78 @@ done
 kill "$pid"
 "#;
 
+/// Opens a FIFO for reading (waiting for its writer, the binding).
+pub fn open_fifo(fifo: &Path) -> File {
+    File::open(fifo).unwrap_or_else(|e| panic!("open the FIFO {}: {e}", fifo.display()))
+}
+
+/// What [`read_until`] read.
+pub struct Reading {
+    pub bytes: u64,
+    /// Whether the writer closed (end-of-file or a reset) before `take`
+    /// had enough or the time was up.
+    pub closed: bool,
+}
+
+/// Reads a FIFO, socket or pipe as data comes, handing each chunk to
+/// `take`, until `take` returns false, the writer closes, or `limit` has
+/// passed: the one reading loop every helper here is made of.
+pub fn read_until(
+    mut src: impl Read + AsFd,
+    limit: Duration,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> Reading {
+    let deadline = Instant::now() + limit;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Reading {
+                bytes,
+                closed: false,
+            };
+        }
+        let mut pfd = libc::pollfd {
+            fd: src.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let wait = left.min(Duration::from_millis(100)).as_millis() as i32;
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut pfd, 1, wait.max(1)) };
+        if pfd.revents == 0 {
+            continue;
+        }
+        let n = match src.read(&mut chunk) {
+            Ok(0) => 0,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("read: {e}"),
+        };
+        if n == 0 {
+            return Reading {
+                bytes,
+                closed: true,
+            };
+        }
+        bytes += n as u64;
+        if !take(&chunk[..n]) {
+            return Reading {
+                bytes,
+                closed: false,
+            };
+        }
+    }
+}
+
 /// Reads lines from a FIFO until `count` lines arrived or the patience ran
 /// out; opens it once and keeps it open.
 pub fn read_lines(fifo: &Path, count: usize) -> Vec<String> {
-    let mut file = fs::File::open(fifo).expect("open FIFO");
-    read_lines_from(&mut file, count)
+    read_lines_from(open_fifo(fifo), count)
 }
 
 /// A marker [`read_lines_from`] puts after a last line that had no
@@ -43,33 +109,16 @@ pub const NO_NEWLINE: &str = "<no newline>";
 /// Reads lines from a FIFO, socket or pipe until `count` lines arrived,
 /// end-of-file, or the patience ran out. A last line without a newline
 /// is returned with [`NO_NEWLINE`] after it.
-pub fn read_lines_from<R: Read + AsRawFd>(src: &mut R, count: usize) -> Vec<String> {
+pub fn read_lines_from(src: impl Read + AsFd, count: usize) -> Vec<String> {
     let mut buf = Vec::new();
     let mut lines = 0;
-    let mut chunk = vec![0u8; 1 << 16];
-    let deadline = Instant::now() + PATIENCE;
-    let fd = src.as_raw_fd();
-    while lines < count && Instant::now() < deadline {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd on the stack.
-        unsafe { libc::poll(&mut pfd, 1, 200) };
-        if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-            let n = match src.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-                Err(e) => panic!("read: {e}"),
-            };
+    if count > 0 {
+        read_until(src, PATIENCE, |chunk| {
             // Count only the new bytes: the buffer may grow to megabytes.
-            lines += chunk[..n].iter().filter(|&&b| b == b'\n').count();
-            buf.extend_from_slice(&chunk[..n]);
-        }
+            lines += chunk.iter().filter(|&&b| b == b'\n').count();
+            buf.extend_from_slice(chunk);
+            lines < count
+        });
     }
     let text = String::from_utf8(buf).unwrap();
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
@@ -82,69 +131,22 @@ pub fn read_lines_from<R: Read + AsRawFd>(src: &mut R, count: usize) -> Vec<Stri
     lines
 }
 
-/// Everything `s` still sends, as lines, until the peer closes it
-/// (end-of-file or reset: true) or `limit` has passed (false).
-pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<String>, bool) {
-    let deadline = Instant::now() + limit;
+/// Everything `src` still sends, as lines (a last one without its newline
+/// as it came), until the writer closes it (true) or `limit` has passed
+/// (false).
+pub fn read_until_closed(src: impl Read + AsFd, limit: Duration) -> (Vec<String>, bool) {
     let mut bytes = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let closed = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break false;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut chunk) {
-            Ok(0) => break true,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break true,
-        }
-    };
+    let closed = read_until(src, limit, |chunk| {
+        bytes.extend_from_slice(chunk);
+        true
+    })
+    .closed;
     let text = String::from_utf8_lossy(&bytes).to_string();
     (text.lines().map(String::from).collect(), closed)
 }
 
-/// Waits until the peer closed `stream`, discarding whatever it sends;
+/// Waits until the writer closed `src`, discarding whatever it sends;
 /// false if it is still open after `limit`.
-pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
-    read_until_closed(stream, limit).1
-}
-
-/// Reads a FIFO with big buffers, handing every chunk to `f`, until `f`
-/// returns false, end-of-file, or `limit` has passed. Returns the number
-/// of bytes read.
-pub fn read_chunks(fifo: &Path, limit: Duration, mut f: impl FnMut(&[u8]) -> bool) -> u64 {
-    let mut file = fs::File::open(fifo).expect("open FIFO");
-    let mut chunk = vec![0u8; 1 << 20];
-    let deadline = Instant::now() + limit;
-    let mut total = 0u64;
-    while Instant::now() < deadline {
-        let mut pfd = libc::pollfd {
-            fd: file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd on the stack.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
-        if pfd.revents == 0 {
-            continue;
-        }
-        let n = match file.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("read FIFO: {e}"),
-        };
-        total += n as u64;
-        if !f(&chunk[..n]) {
-            break;
-        }
-    }
-    total
+pub fn wait_closed(src: impl Read + AsFd, limit: Duration) -> bool {
+    read_until(src, limit, |_| true).closed
 }
