@@ -281,7 +281,10 @@ fn tcp_reader(ctx: &Ctx, ends: Ends, data: &Arc<Vec<u8>>) -> R<(TcpReader, u16)>
             let out = head.stdout().unwrap();
             grow_pipe(out.as_raw_fd());
             let check = checker(OwnedFd::from(out), data.clone(), true);
-            Ok((TcpReader::Shell(Box::new(socat), Box::new(head), check), port))
+            Ok((
+                TcpReader::Shell(Box::new(socat), Box::new(head), check),
+                port,
+            ))
         })
     } else {
         let (l, port) = listener();
@@ -665,34 +668,27 @@ pub fn burst(ctx: &Ctx, socat: bool, n: usize) -> R<Burst> {
     // other, and the reader must see no end-of-file between them.
     let fd = open(&fifo, libc::O_RDWR)?;
     let line = |i: usize| format!("burst {i:06} {}\n", "x".repeat(50));
-    let threads = 20;
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let t0 = Instant::now();
-    let senders: Vec<_> = (0..threads)
-        .map(|t| {
-            let b = barrier.clone();
-            std::thread::spawn(move || {
+    // One thread per connection, all released at once: each connects,
+    // sends its line and closes, as `echo line | nc …` run n times with `&`.
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut senders = Vec::new();
+    for i in 0..n {
+        let b = barrier.clone();
+        let h = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || {
                 use std::io::Write;
-                let mut open = Vec::new();
-                let mut failed = 0;
-                for i in (t..n).step_by(threads) {
-                    match TcpStream::connect(("127.0.0.1", port)) {
-                        Ok(mut s) => {
-                            if s.write_all(line(i).as_bytes()).is_err() {
-                                failed += 1;
-                            }
-                            open.push(s);
-                        }
-                        Err(_) => failed += 1,
-                    }
-                }
-                // Every connection is open at once before any closes.
                 b.wait();
-                drop(open);
-                failed
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+                    Ok(mut s) => usize::from(s.write_all(line(i).as_bytes()).is_err()),
+                    Err(_) => 1,
+                }
             })
-        })
-        .collect();
+            .map_err(|e| format!("cannot start sender thread {i}: {e}"))?;
+        senders.push(h);
+    }
+    let t0 = Instant::now();
     barrier.wait();
     let mut seen = vec![false; n];
     let mut whole = 0;

@@ -26,6 +26,7 @@ const USAGE: &str = "\
 usage: cargo bench -- [--quick] [--rounds N] [--mib N] [--lines N]
                       [--starts N] [--scale N] [--scale-rounds N]
                       [--burst N] [--seed N] [--dir DIR] [--only LIST]
+                      [--verbose]
 
 Measures fifobind against socat (and the same endpoints with no relay) in
 N shuffled, interleaved rounds and prints medians of same-round ratios.
@@ -33,7 +34,7 @@ N shuffled, interleaved rounds and prints medians of same-round ratios.
   --quick           3 rounds of 64 MiB, 500 timed round trips, 10 starts,
                     1 round of the 500-binding figure (about a minute)
   --rounds N        rounds (default 10)
-  --mib N           MiB per throughput run (default 256)
+  --mib N           MiB per throughput run (default 128)
   --lines N         timed round trips per latency run (default 2000)
   --starts N        starts per readiness run (default 20)
   --scale N         bindings in the up/down figure (default 500)
@@ -42,6 +43,7 @@ N shuffled, interleaved rounds and prints medians of same-round ratios.
   --seed N          the shuffle's seed (default: from the clock; printed)
   --only LIST       only these figures, comma-separated, of: throughput,
                     latency, burst, ready, idle, scale (default: all)
+  --verbose         print each run and its time on stderr
   --dir DIR         where the temporary directory goes (default
                     $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp)
 
@@ -58,6 +60,7 @@ pub struct Opts {
     pub seed: u64,
     pub dir: Option<PathBuf>,
     pub only: Option<Vec<String>>,
+    pub verbose: bool,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -67,7 +70,7 @@ fn parse_args() -> Result<Opts, String> {
         .unwrap_or(1);
     let mut o = Opts {
         rounds: 10,
-        mib: 256,
+        mib: 128,
         lines: 2000,
         starts: 20,
         scale: 500,
@@ -76,6 +79,7 @@ fn parse_args() -> Result<Opts, String> {
         seed,
         dir: None,
         only: None,
+        verbose: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -92,6 +96,7 @@ fn parse_args() -> Result<Opts, String> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
+            "-v" | "--verbose" => o.verbose = true,
             "--quick" => {
                 o.rounds = 3;
                 o.mib = 64;
@@ -498,7 +503,11 @@ fn run(o: Opts) -> R<()> {
         let t = Instant::now();
         let mut round = Round::new();
         for job in jobs.iter().copied() {
+            let t = Instant::now();
             run_job(&ctx, &o, job, &mut round)?;
+            if o.verbose {
+                eprintln!("bench: {job:?}: {:.3} s", t.elapsed().as_secs_f64());
+            }
         }
         eprintln!(
             "bench: round {}/{}: {} runs in {:.1} s, {} runnable at its start",
