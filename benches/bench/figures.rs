@@ -378,13 +378,14 @@ pub fn outbound(ctx: &Ctx, f: Flow) -> R<Sample> {
     )?;
     let (end, reader_cpu) = match reader {
         TcpReader::Shell(mut socat, mut head, check) => {
-            let r = join(check, "the reader");
+            // What the checker saw first: a wrong byte also makes head
+            // die of SIGPIPE, and that is not the news.
+            let (end, _) = join(check, "the reader")?;
             let head_cpu = head.wait_ok()?;
             if let Some(p) = relay.as_mut() {
                 p.stop(libc::SIGTERM)?;
             }
             let socat_cpu = socat.stop(libc::SIGTERM)?;
-            let (end, _) = r?;
             (end, head_cpu + socat_cpu)
         }
         TcpReader::Fast(h) => join(h, "the reader")?,
@@ -508,10 +509,8 @@ pub fn inbound(ctx: &Ctx, f: Flow) -> R<Sample> {
     }
     let (end, reader_cpu) = match (head, fast) {
         (Some((mut p, h)), _) => {
-            let r = join(h, "the reader");
-            let cpu = p.wait_ok()?;
-            let (end, _) = r?;
-            (end, cpu)
+            let (end, _) = join(h, "the reader")?;
+            (end, p.wait_ok()?)
         }
         (None, Some(h)) => join(h, "the reader")?,
         _ => unreachable!(),

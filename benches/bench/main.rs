@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use figures::{Ctx, Dir, Ends, Flow, Relay};
@@ -344,7 +344,12 @@ impl Drop for Cleanup {
 /// ignore the SIGTERM that ends it.)
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 
+/// Set by a stop signal: the runs then fail as their processes die, and
+/// only the cleanup thread may report and exit.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_signal(sig: libc::c_int) {
+    STOPPING.store(true, Ordering::Relaxed);
     let b = sig as u8;
     // SAFETY: write(2) is async-signal-safe; one byte from the stack.
     unsafe {
@@ -390,6 +395,10 @@ fn main() {
         }
     };
     if let Err(e) = run(o) {
+        if STOPPING.load(Ordering::Relaxed) {
+            // The cleanup thread exits with 128 + the signal.
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
         eprintln!("bench: {e}");
         std::process::exit(1);
     }
