@@ -137,6 +137,28 @@ impl Ctx {
         c
     }
 
+    /// `socat -u OPEN:FIFO TCP:127.0.0.1:PORT,nodelay`, the socat twin of
+    /// bind-output, with a fresh FIFO that the returned descriptor holds
+    /// open read-write as bind-output holds its own: socat then sees no
+    /// end-of-file when a writer closes, and opening it never blocks.
+    fn socat_sender(
+        &self,
+        pinned: bool,
+        relay: Relay,
+        id: &str,
+        port: u16,
+    ) -> R<(Proc, OwnedFd, PathBuf)> {
+        let fifo = self.socat_fifo(id)?;
+        let held = open(&fifo, libc::O_RDWR | libc::O_NONBLOCK)?;
+        let mut c = self.socat(pinned, relay);
+        c.args([
+            "-u",
+            &format!("OPEN:{}", fifo.display()),
+            &format!("TCP:127.0.0.1:{port},nodelay"),
+        ]);
+        Ok((self.spawn(&mut c, "socat")?, held, fifo))
+    }
+
     /// A binding in the foreground (our child, so its CPU time is exact),
     /// returned once it printed its PID, i.e. once it is ready.
     fn binding(&self, mut c: Command, name: &str) -> Result<Proc, Fail> {
@@ -341,18 +363,9 @@ pub fn outbound(ctx: &Ctx, f: Flow) -> R<Sample> {
             Some(ctx.dir.join("bout"))
         }
         Relay::Socat | Relay::SocatB => {
-            let fifo = ctx.socat_fifo("bout")?;
-            // Held open read-write, as bind-output holds its own: socat
-            // then sees no end-of-file when a writer closes, and opening
-            // the FIFO never blocks.
-            held = Some(open(&fifo, libc::O_RDWR | libc::O_NONBLOCK)?);
-            let mut c = ctx.socat(false, f.relay);
-            c.args([
-                "-u",
-                &format!("OPEN:{}", fifo.display()),
-                &format!("TCP:127.0.0.1:{port},nodelay"),
-            ]);
-            relay = Some(ctx.spawn(&mut c, "socat")?);
+            let (p, fd, fifo) = ctx.socat_sender(false, f.relay, "bout", port)?;
+            relay = Some(p);
+            held = Some(fd);
             Some(fifo)
         }
         _ => None,
@@ -541,15 +554,9 @@ pub fn latency(ctx: &Ctx, socat: bool, pinned: bool, lines: usize) -> R<Vec<f64>
     let mut procs = Vec::new();
     let mut held = None;
     let ofifo = if socat {
-        let fifo = ctx.socat_fifo("lout")?;
-        held = Some(open(&fifo, libc::O_RDWR | libc::O_NONBLOCK)?);
-        let mut c = ctx.socat(pinned, Relay::Socat);
-        c.args([
-            "-u",
-            &format!("OPEN:{}", fifo.display()),
-            &format!("TCP:127.0.0.1:{oport},nodelay"),
-        ]);
-        procs.push(ctx.spawn(&mut c, "socat")?);
+        let (p, fd, fifo) = ctx.socat_sender(pinned, Relay::Socat, "lout", oport)?;
+        procs.push(p);
+        held = Some(fd);
         fifo
     } else {
         procs.push(ctx.bind_output(pinned, "lout", oport).map_err(fail_text)?);
@@ -855,15 +862,8 @@ pub fn idle_rss(ctx: &Ctx, socat: bool) -> R<(u64, u64)> {
             with_port(|port| ctx.socat_listen(false, Relay::Socat, port, "", &to, Stdio::null()))?;
         pids.push(p.pid);
         procs_.push(p);
-        let ofifo = ctx.socat_fifo("idleout")?;
-        held = Some(open(&ofifo, libc::O_RDWR | libc::O_NONBLOCK)?);
-        let mut c = ctx.socat(false, Relay::Socat);
-        c.args([
-            "-u",
-            &format!("OPEN:{}", ofifo.display()),
-            &format!("TCP:127.0.0.1:{oport},nodelay"),
-        ]);
-        let p = ctx.spawn(&mut c, "socat")?;
+        let (p, fd, _) = ctx.socat_sender(false, Relay::Socat, "idleout", oport)?;
+        held = Some(fd);
         pids.push(p.pid);
         procs_.push(p);
     } else {

@@ -257,64 +257,26 @@ pub fn report(
             show_ratio(ratio(rounds, &k(Fifobind), &k(Tcp))),
         ]);
         let short = name.split(':').next().unwrap_or(name);
-        match (dir, ends) {
-            (Dir::Out, Ends::Shell) => {
-                goal(
-                    format!("{short}: x socat"),
-                    ratio(rounds, &k(Fifobind), &k(Socat)),
-                    true,
-                    1.0,
-                );
-                goal(
-                    format!("{short}: of no relay"),
-                    ratio(rounds, &k(Fifobind), &k(Tcp)),
-                    true,
-                    0.95,
-                );
-            }
-            (Dir::Out, Ends::Fast) => {
-                goal(
-                    format!("{short}: of TCP alone"),
-                    ratio(rounds, &k(Fifobind), &k(Tcp)),
-                    true,
-                    0.95,
-                );
-                goal(
-                    format!("{short}: x socat"),
-                    ratio(rounds, &k(Fifobind), &k(Socat)),
-                    true,
-                    2.0,
-                );
-            }
-            (Dir::Out, Ends::CatFast) => {
-                let fast = key(&flow(Dir::Out, Ends::Fast, 64, Fifobind), "mibs");
-                goal(
-                    format!("{short}: of a 1 MiB writer"),
-                    ratio(rounds, &k(Fifobind), &fast),
-                    true,
-                    0.8,
-                );
-            }
-            _ => {
-                goal(
-                    format!("{short}: x socat -b 131072"),
-                    ratio(rounds, &k(Fifobind), &k(SocatB)),
-                    true,
-                    1.0,
-                );
-                goal(
-                    format!("{short}: x socat"),
-                    ratio(rounds, &k(Fifobind), &k(Socat)),
-                    true,
-                    1.0,
-                );
-                goal(
-                    format!("{short}: of TCP alone"),
-                    ratio(rounds, &k(Fifobind), &k(Tcp)),
-                    true,
-                    0.9,
-                );
-            }
+        let fast = key(&flow(Dir::Out, Ends::Fast, 64, Fifobind), "mibs");
+        let (socat, socat_b, tcp) = (k(Socat), k(SocatB), k(Tcp));
+        // (what, against, at least)
+        let targets: &[(&str, &String, f64)] = match (dir, ends) {
+            (Dir::Out, Ends::Shell) => &[("x socat", &socat, 1.0), ("of no relay", &tcp, 0.95)],
+            (Dir::Out, Ends::Fast) => &[("of TCP alone", &tcp, 0.95), ("x socat", &socat, 2.0)],
+            (Dir::Out, Ends::CatFast) => &[("of a 1 MiB writer", &fast, 0.8)],
+            _ => &[
+                ("x socat -b 131072", &socat_b, 1.0),
+                ("x socat", &socat, 1.0),
+                ("of TCP alone", &tcp, 0.9),
+            ],
+        };
+        for (what, against, bound) in targets {
+            goal(
+                format!("{short}: {what}"),
+                ratio(rounds, &k(Fifobind), against),
+                true,
+                *bound,
+            );
         }
     }
     out.push(format!(

@@ -55,19 +55,21 @@ pub fn all_pids() -> Vec<i32> {
 
 /// The live (not zombie) children of `pid`.
 pub fn children(pid: i32) -> Vec<i32> {
-    let parent = pid.to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(1) == Some(&parent)))
-        .collect()
+    live_where(1, pid)
 }
 
 /// The live members of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let group = pgid.to_string();
+    live_where(2, pgid)
+}
+
+/// The live processes whose stat field `index` (see [`stat_fields`]) is
+/// `value`.
+fn live_where(index: usize, value: i32) -> Vec<i32> {
+    let value = value.to_string();
     all_pids()
         .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(2) == Some(&group)))
+        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(index) == Some(&value)))
         .collect()
 }
 
