@@ -176,8 +176,19 @@ pub fn header(ctx: &Ctx, o: &Opts) -> String {
     )
 }
 
+/// The file system type of the mount that holds `p` (statfs(2) cannot
+/// tell ext4 from ext2).
 fn fs_type(p: &std::path::Path) -> String {
-    first_line("stat", &["-f", "-c", "%T", &p.to_string_lossy()])
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && p.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} ({})", f[2], f[1])))
+        })
+        .max()
+        .map_or_else(|| "?".into(), |(_, t)| t)
 }
 
 struct Goal {
