@@ -3,11 +3,7 @@ use fifobind::cli;
 
 fn main() {
     let args: cli::Master = cli::parse("master");
-    cli::exit(
-        "master",
-        args.options().and_then(|o| {
-            fifobind::logging::to_stderr("master");
-            fifobind::master::run(o)
-        }),
-    );
+    // Logging first, so that resolving the key can warn.
+    fifobind::logging::to_stderr("master");
+    cli::exit("master", args.options().and_then(fifobind::master::run));
 }

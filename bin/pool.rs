@@ -3,11 +3,7 @@ use fifobind::cli;
 
 fn main() {
     let args: cli::Pool = cli::parse("pool");
-    cli::exit(
-        "pool",
-        args.options().and_then(|o| {
-            fifobind::logging::to_stderr("pool");
-            fifobind::pool::run(o)
-        }),
-    );
+    // Logging first, so that resolving the key can warn.
+    fifobind::logging::to_stderr("pool");
+    cli::exit("pool", args.options().and_then(fifobind::pool::run));
 }

@@ -81,12 +81,14 @@ impl fmt::Display for Port {
     }
 }
 
-/// A shared secret for the pool handshake. Never printed, never sent.
+/// A shared secret for the pool handshake. Never printed, never sent,
+/// and wiped from memory when dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Key(Vec<u8>);
+pub struct Key(zeroize::Zeroizing<Vec<u8>>);
 
 impl Key {
     pub fn new(bytes: Vec<u8>) -> Result<Key, String> {
+        let bytes = zeroize::Zeroizing::new(bytes);
         if bytes.is_empty() {
             return Err("the key must not be empty".into());
         }

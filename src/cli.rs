@@ -75,6 +75,14 @@ fn seconds(s: &str) -> std::result::Result<Duration, String> {
     }
 }
 
+/// Like [`seconds`], and 0 too (which the option's text says means none).
+fn seconds_or_zero(s: &str) -> std::result::Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => seconds(s).map_err(|_| "a duration is a number of seconds from 0 to 86400".into()),
+    }
+}
+
 /// Options shared by the two binding commands.
 #[derive(clap::Args, Debug)]
 pub struct CommonArgs {
@@ -121,9 +129,31 @@ pub struct BindInput {
     #[arg(long)]
     pub once: bool,
 
-    /// Accept connections from this address only; others are closed at once
-    #[arg(long, value_name = "ADDR")]
-    pub allow: Option<IpAddr>,
+    /// Accept connections from these addresses only (ADDR or ADDR/PREFIX;
+    /// repeat the option or separate with commas); others are closed at once
+    #[arg(long, value_name = "ADDR[/PREFIX]", value_delimiter = ',')]
+    pub allow: Vec<crate::net::Allow>,
+
+    /// Serve at most N connections at once; further ones wait in the
+    /// listen backlog (0: no limit)
+    #[arg(long, value_name = "N", default_value = "128")]
+    pub max_conns: usize,
+
+    /// Serve at most N connections from one address at once; further ones
+    /// from it are closed at once (0: no limit)
+    #[arg(long, value_name = "N", default_value = "0")]
+    pub max_conns_per_addr: usize,
+
+    /// Close a connection that has sent nothing within SECS seconds of
+    /// connecting (0: never; default 60, never with --once)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
+    pub idle_timeout: Option<Duration>,
+
+    /// Let a connection hold the FIFO in the middle of a line for SECS
+    /// seconds of waiting for its rest; then complete the line and close
+    /// the connection (0: no limit)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero, default_value = "10")]
+    pub line_timeout: Duration,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds
     #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
@@ -142,6 +172,14 @@ impl From<BindInput> for InputOptions {
             once: a.once,
             allow: a.allow,
             accept_timeout: a.accept_timeout,
+            max_conns: a.max_conns,
+            max_conns_per_addr: a.max_conns_per_addr,
+            idle_timeout: match a.idle_timeout {
+                Some(t) => (!t.is_zero()).then_some(t),
+                None if a.once => None,
+                None => Some(crate::input::IDLE_TIMEOUT),
+            },
+            line_timeout: (!a.line_timeout.is_zero()).then_some(a.line_timeout),
             common: a.common.into(),
         }
     }
@@ -205,21 +243,19 @@ pub struct KeyArgs {
     pub timeout: Duration,
 }
 
+/// The longest first line a key file may have: a key is a password, not
+/// a file to load whole (`--key-file /dev/zero` must not fill memory).
+pub const MAX_KEY_LINE: usize = 4096;
+
 impl KeyArgs {
-    /// The key, from where the arguments say it is.
+    /// The key, from where the arguments say it is. Holding the key, the
+    /// process becomes undumpable (no core file, no ptrace by other
+    /// processes of the user) and `FIFOBIND_KEY` leaves its environment,
+    /// so that no binding, daemon or daemon's child inherits it. Called
+    /// from a main before any thread is started.
     pub fn resolve(&self) -> Result<Key> {
         let bytes = match (self.key.as_str(), &self.key_file) {
-            ("-", Some(file)) => {
-                let text = std::fs::read(file).map_err(|e| {
-                    let mut err = Error::io(format!("cannot read key file {}", file.display()), &e);
-                    if err.status == ExitStatus::CantCreate {
-                        err.status = ExitStatus::NoInput;
-                    }
-                    err
-                })?;
-                let line = text.split(|&b| b == b'\n').next().unwrap_or(&[]);
-                line.strip_suffix(b"\r").unwrap_or(line).to_vec()
-            }
+            ("-", Some(file)) => read_key_file(file)?,
             ("-", None) => match std::env::var_os(ENV_KEY) {
                 Some(v) => std::os::unix::ffi::OsStrExt::as_bytes(v.as_os_str()).to_vec(),
                 None => {
@@ -233,8 +269,70 @@ impl KeyArgs {
             }
             (key, None) => key.as_bytes().to_vec(),
         };
+        forget_env_key();
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            log::warn!("cannot make the process undumpable: {}", e.desc());
+        }
         Key::new(bytes).map_err(|e| Error::usage(format!("invalid KEY: {e}")))
     }
+}
+
+/// Wipes `FIFOBIND_KEY` from the environment: its bytes first, in place,
+/// because `/proc/PID/environ` shows the environment block as the
+/// process started with it (and a forked guardian shares that block), and
+/// then the variable, so that nothing started later inherits it.
+fn forget_env_key() {
+    let name = std::ffi::CString::new(ENV_KEY).expect("no NUL in the name");
+    // SAFETY: mains call this before they start any thread, so nothing
+    // reads or changes the environment concurrently; getenv's pointer is
+    // to the live, writable value of the variable, `strlen` bytes long.
+    unsafe {
+        let value = libc::getenv(name.as_ptr());
+        if !value.is_null() {
+            std::ptr::write_bytes(value, 0, libc::strlen(value));
+        }
+        std::env::remove_var(ENV_KEY);
+    }
+}
+
+/// The first line of a key file, read through a bounded buffer; a file
+/// that others may read is used, with a warning.
+fn read_key_file(file: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let cant = |e: &std::io::Error| {
+        let mut err = Error::io(format!("cannot read key file {}", file.display()), e);
+        if err.status == ExitStatus::CantCreate {
+            err.status = ExitStatus::NoInput;
+        }
+        err
+    };
+    let f = std::fs::File::open(file).map_err(|e| cant(&e))?;
+    if let Ok(meta) = f.metadata()
+        && meta.is_file()
+        && meta.mode() & 0o077 != 0
+    {
+        log::warn!(
+            "key file {} is readable by other users (mode {:04o}): chmod 600 it",
+            file.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    let mut text = zeroize::Zeroizing::new(Vec::with_capacity(128));
+    f.take(MAX_KEY_LINE as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| cant(&e))?;
+    let Some(end) = text.iter().position(|&b| b == b'\n') else {
+        if text.len() > MAX_KEY_LINE {
+            return Err(Error::usage(format!(
+                "key file {}: its first line is longer than {MAX_KEY_LINE} bytes",
+                file.display()
+            )));
+        }
+        return Ok(text.to_vec());
+    };
+    let line = &text[..end];
+    Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
 }
 
 fn port_range(s: &str) -> std::result::Result<(u16, u16), String> {

@@ -96,9 +96,11 @@ impl ExitStatus {
             Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::ECONNRESET) => {
                 return ExitStatus::Unavailable;
             }
-            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM) | Some(libc::EAGAIN) => {
+            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM) => {
                 return ExitStatus::OsErr;
             }
+            // "Try again": a timed-out read, or fork at its process limit.
+            Some(libc::EAGAIN) => return ExitStatus::TempFail,
             Some(libc::ENOSPC) | Some(libc::EROFS) | Some(libc::EEXIST) | Some(libc::ENOENT)
             | Some(libc::ENOTDIR) => return ExitStatus::CantCreate,
             _ => {}
@@ -139,6 +141,13 @@ impl Error {
             ExitStatus::of_io(err),
             format!("{what}: {}", describe_io(err)),
         )
+    }
+}
+
+impl Error {
+    /// [`Error::io`] for a call made through nix.
+    pub fn nix(what: impl fmt::Display, err: nix::Error) -> Error {
+        Error::io(what, &io::Error::from(err))
     }
 }
 
@@ -200,6 +209,12 @@ mod tests {
     fn io_errors_map_to_sysexits() {
         let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
         assert_eq!(ExitStatus::of_io(&refused), ExitStatus::Unavailable);
+        let again = io::Error::from_raw_os_error(libc::EAGAIN);
+        assert_eq!(ExitStatus::of_io(&again), ExitStatus::TempFail);
+        assert_eq!(
+            ExitStatus::of_io(&io::ErrorKind::WouldBlock.into()),
+            ExitStatus::TempFail
+        );
         let denied = io::Error::from_raw_os_error(libc::EACCES);
         assert_eq!(ExitStatus::of_io(&denied), ExitStatus::NoPerm);
         let in_use = Error::io(

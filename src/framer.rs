@@ -6,6 +6,12 @@
 //! then lets no other connection write until its newline); and a last
 //! line without a newline is completed when its stream ends. Kept apart
 //! from the sockets so it can be tested, and fuzzed, on its own.
+//!
+//! [`PipeRoom`] says how much of that the FIFO will take whole: the kernel
+//! counts a pipe's room in page slots, not bytes, so "capacity minus
+//! unread" overstates it and a write sized by it is cut mid-line.
+
+use std::collections::VecDeque;
 
 pub struct LineBuffer {
     /// Its size; `buf` has one byte more, for the newline that completes
@@ -120,9 +126,107 @@ impl LineBuffer {
         }
     }
 
+    /// Gives up on the rest of the stream: what is buffered is dropped,
+    /// and a line half given out is completed by its newline. Returns the
+    /// number of bytes dropped.
+    pub fn abandon(&mut self) -> usize {
+        let dropped = self.end - self.start;
+        self.start = 0;
+        self.end = 0;
+        self.eof = true;
+        dropped
+    }
+
     /// Ended, and everything given out, the closing newline included.
     pub fn finished(&self) -> bool {
         self.eof && self.start == self.end && !self.mid_line
+    }
+}
+
+/// A bound on the page slots a pipe has free, from what we wrote into it
+/// and how much of it is still unread.
+///
+/// Each write is counted as if it had taken fresh pages of its own (one
+/// per page size, started at its first byte), and a page as free once the
+/// reader has passed its end. The kernel may merge the start of a write
+/// into the last page, which only ever takes fewer slots, so the count
+/// never falls short, whatever the reader does meanwhile: a write no
+/// larger than [`PipeRoom::room`] is taken whole.
+pub struct PipeRoom {
+    page: u64,
+    slots: u64,
+    written: u64,
+    consumed: u64,
+    /// Writes not read to their end yet, oldest first: (start, end, pages,
+    /// merged). A merged entry stands for several writes; its pages count
+    /// until the reader has passed its end.
+    writes: VecDeque<(u64, u64, u64, bool)>,
+    pages: u64,
+}
+
+/// Entries kept before small writes are merged into one (memory stays
+/// bounded however many tiny writes the FIFO holds).
+const TRACKED: usize = 1024;
+
+impl PipeRoom {
+    /// A model of an empty pipe of `capacity` bytes with pages of `page`.
+    pub fn new(capacity: usize, page: usize) -> PipeRoom {
+        PipeRoom {
+            page: page as u64,
+            slots: (capacity / page) as u64,
+            written: 0,
+            consumed: 0,
+            writes: VecDeque::new(),
+            pages: 0,
+        }
+    }
+
+    /// The pipe holds `unread` bytes now (FIONREAD): the reader has passed
+    /// the rest.
+    pub fn unread(&mut self, unread: usize) {
+        let consumed = self.written.saturating_sub(unread as u64);
+        self.consumed = self.consumed.max(consumed);
+        while let Some(&(_, end, pages, _)) = self.writes.front() {
+            if end > self.consumed {
+                break;
+            }
+            self.writes.pop_front();
+            self.pages -= pages;
+        }
+    }
+
+    fn used(&self) -> u64 {
+        match self.writes.front() {
+            Some(&(start, _, pages, false)) if self.consumed > start => {
+                self.pages - ((self.consumed - start) / self.page).min(pages - 1)
+            }
+            _ => self.pages,
+        }
+    }
+
+    /// Bytes a single write is sure to go in whole.
+    pub fn room(&self) -> usize {
+        (self.slots.saturating_sub(self.used()) * self.page) as usize
+    }
+
+    /// `n` bytes were written.
+    pub fn wrote(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let pages = (n as u64).div_ceil(self.page);
+        let start = self.written;
+        self.written += n as u64;
+        self.pages += pages;
+        if self.writes.len() >= TRACKED
+            && let Some(last) = self.writes.back_mut()
+        {
+            last.1 = self.written;
+            last.2 += pages;
+            last.3 = true;
+            return;
+        }
+        self.writes.push_back((start, self.written, pages, false));
     }
 }
 
@@ -130,6 +234,64 @@ impl LineBuffer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Against a real pipe of 16 pages: writes sized by the model are never
+    /// cut, whatever mix of write and read sizes, and the model does not
+    /// starve the writer (it finds room again once the reader has read).
+    #[test]
+    fn pipe_room_never_overstates_a_real_pipe() {
+        use std::os::fd::AsRawFd;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        // SAFETY: plain fcntl on descriptors we own.
+        let cap = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 65536) };
+        assert!(cap >= 65536);
+        let page = 4096;
+        let mut room = PipeRoom::new(cap as usize, page);
+        let mut seed: u64 = 0x9e3779b97f4a7c15;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let buf = vec![b'x'; 70000];
+        let mut rbuf = vec![0u8; 70000];
+        let (mut big, mut cut) = (0, 0);
+        for _ in 0..20000 {
+            let mut unread: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut unread) };
+            room.unread(unread as usize);
+            let sizes = [
+                1, 7, 100, 1000, 3000, 4095, 4096, 4097, 5000, 9000, 20000, 65536,
+            ];
+            let want = sizes[rand(sizes.len() as u64) as usize];
+            let n = if want <= libc::PIPE_BUF {
+                want
+            } else {
+                want.min(room.room())
+            };
+            if n > libc::PIPE_BUF {
+                big += 1;
+            }
+            match nix::unistd::write(&w, &buf[..n]) {
+                Ok(k) => {
+                    room.wrote(k);
+                    if k != n {
+                        cut += 1;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => assert!(n <= libc::PIPE_BUF),
+                Err(e) => panic!("{e}"),
+            }
+            if rand(3) == 0 {
+                let take = [1, 10, 500, 4096, 5000, 30000][rand(6) as usize];
+                let _ = nix::unistd::read(&r, &mut rbuf[..take]);
+            }
+        }
+        assert_eq!(cut, 0, "writes sized by the model were cut");
+        assert!(big > 1000, "the model gave room for only {big} big writes");
+    }
 
     /// Feeds `input` in chunks of the given sizes, gives out what is
     /// writable in pieces of the given sizes (a FIFO taking less than

@@ -7,7 +7,12 @@
 //! concurrent connections never interleave. When the FIFO is full, the
 //! binding stops reading the sockets whose buffers are full and TCP flow
 //! control holds the senders back: memory stays bounded by
-//! `MAX_CONNECTIONS × LINE_BUFFER + MAX_GROWN × BULK_BUFFER`.
+//! `--max-conns × LINE_BUFFER + MAX_GROWN × BULK_BUFFER`.
+//!
+//! Whole lines go into the FIFO only as far as the kernel takes them whole
+//! ([`PipeRoom`]), and no connection can hold the binding: mid-line
+//! ownership, silence and the number of connections all have limits, and
+//! running out of descriptors pauses accepting instead of spinning.
 
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -17,8 +22,9 @@ use std::time::{Duration, Instant};
 use crate::args::{Id, Port};
 use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
-use crate::framer::LineBuffer;
-use crate::net;
+use crate::fifo::Fifo;
+use crate::framer::{LineBuffer, PipeRoom};
+use crate::net::{self, Allow};
 
 /// A connection's buffer, and so the longest line delivered with a single
 /// write(2). A longer line is passed on in pieces as it arrives, still
@@ -31,10 +37,21 @@ const BULK_BUFFER: usize = 1024 * 1024;
 const MAX_GROWN: usize = 8;
 /// Connections holding a bulk buffer now. The relay is one thread.
 static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-/// Connections served at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 128;
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
+/// The default `--idle-timeout` (without `--once`).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// After running out of descriptors, accepting is retried when a
+/// connection ends, or after this long if none does.
+const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between looks at the FIFO's room while a line waits for
+/// enough of it (the kernel wakes a writer for one free page only).
+const ROOM_CHECK_MAX: Duration = Duration::from_millis(50);
+/// Keepalive on accepted connections: a peer whose host vanished (no FIN,
+/// no reset) is found dead after about IDLE + COUNT × INTERVAL.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_COUNT: u32 = 5;
 
 pub struct InputOptions {
     pub id: Id,
@@ -43,10 +60,20 @@ pub struct InputOptions {
     pub bind: Option<IpAddr>,
     /// Serve one connection; end once it ended and the FIFO was read empty.
     pub once: bool,
-    /// Accept connections from this address only.
-    pub allow: Option<IpAddr>,
+    /// Accept connections from these addresses only (empty: any).
+    pub allow: Vec<Allow>,
     /// With `once`: give up if nobody connected within this time.
     pub accept_timeout: Option<Duration>,
+    /// Connections served at once (0: no limit); more wait in the backlog.
+    pub max_conns: usize,
+    /// Connections served at once from one address (0: no limit); more
+    /// from it are closed at once.
+    pub max_conns_per_addr: usize,
+    /// Close a connection that sent nothing this long after it was accepted.
+    pub idle_timeout: Option<Duration>,
+    /// How long a connection may keep the FIFO mid-line waiting for the
+    /// rest of its line.
+    pub line_timeout: Option<Duration>,
     pub common: Common,
 }
 
@@ -61,21 +88,35 @@ pub fn run(opts: InputOptions) -> Result<()> {
     };
     let common = opts.common.clone();
     binding.run("bind-input", &common, move |binding, stop, ready| {
+        let capacity = binding.fifo.capacity();
         log::info!(
-            "{} listening on port {}, FIFO {}",
+            "{} listening on port {}, FIFO {} (capacity {capacity} bytes: lines up to {} bytes go in whole)",
             binding.id,
             opts.port,
-            binding.fifo.path().display()
+            binding.fifo.path().display(),
+            atomic_size(capacity),
         );
         binding.ready(ready);
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize);
         let mut relay = Relay {
             binding,
             listener: Some(listener),
             conns: Vec::new(),
+            per_addr: std::collections::HashMap::new(),
             owner: None,
+            owner_waited: Duration::ZERO,
+            owner_waiting: None,
             turn: 0,
             next_token: 0,
             fifo_blocked: false,
+            room: PipeRoom::new(capacity, page),
+            room_check: None,
+            accept_paused: None,
+            accept_warned: false,
+            cut_logged: false,
             served: false,
             opts: &opts,
         };
@@ -83,11 +124,53 @@ pub fn run(opts: InputOptions) -> Result<()> {
     })
 }
 
+/// What of `chunk` (whole lines, or the rest of a split line when
+/// `mid_line`) to write now.
+fn plan(room_model: &mut PipeRoom, fifo: &Fifo, chunk: &[u8], mid_line: bool) -> Plan {
+    let line_end = |c: &[u8]| memchr::memchr(b'\n', c).map_or(c.len(), |i| i + 1);
+    if mid_line {
+        // Already in pieces: the rest of it as the kernel takes it,
+        // but no further than its end, so the lines after it go whole.
+        return Plan::Any(line_end(chunk));
+    }
+    let len = chunk.len();
+    // A write of at most PIPE_BUF bytes is all or nothing.
+    if len <= libc::PIPE_BUF {
+        return Plan::Whole(len);
+    }
+    let mut room = room_model.room();
+    if room < len {
+        room_model.unread(fifo.unread());
+        room = room_model.room();
+    }
+    if len <= room {
+        return Plan::Whole(len);
+    }
+    let within = room.max(libc::PIPE_BUF);
+    if let Some(i) = memchr::memrchr(b'\n', &chunk[..within]) {
+        return Plan::Whole(i + 1);
+    }
+    let first = line_end(chunk);
+    if chunk[first - 1] != b'\n' || first > fifo.capacity() {
+        // Longer than the buffer or the FIFO: it goes in pieces.
+        return Plan::Any(first);
+    }
+    Plan::Wait
+}
+
+/// The longest line the binding writes whole whatever the FIFO's fill: a
+/// connection's buffer, or the FIFO's capacity if that is smaller.
+pub fn atomic_size(capacity: usize) -> usize {
+    LINE_BUFFER.min(capacity)
+}
+
 struct Conn {
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
     lines: LineBuffer,
+    accepted: Instant,
+    received: u64,
 }
 
 impl Conn {
@@ -97,12 +180,15 @@ impl Conn {
             stream,
             peer,
             lines: LineBuffer::new(LINE_BUFFER),
+            accepted: Instant::now(),
+            received: 0,
         }
     }
 
     fn fill(&mut self) -> io::Result<usize> {
         let n = self.stream.read(self.lines.space())?;
         self.lines.filled(n);
+        self.received += n as u64;
         if self.lines.is_full() && self.lines.capacity() < BULK_BUFFER {
             use std::sync::atomic::Ordering;
             if GROWN.fetch_add(1, Ordering::Relaxed) < MAX_GROWN {
@@ -112,6 +198,13 @@ impl Conn {
             }
         }
         Ok(n)
+    }
+
+    /// Reads no more from this connection and closes it (the client sees
+    /// the end); a line half in the FIFO still gets its newline.
+    fn close(&mut self) -> usize {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.lines.abandon()
     }
 }
 
@@ -123,17 +216,43 @@ impl Drop for Conn {
     }
 }
 
+/// How much of a connection's writable bytes to write now.
+enum Plan {
+    /// This many, all at once: the FIFO takes them whole.
+    Whole(usize),
+    /// Up to this many, as far as the kernel takes them: the rest of a
+    /// line too long to go whole anyway.
+    Any(usize),
+    /// Nothing yet: the first line fits the FIFO only once more is read.
+    Wait,
+}
+
 struct Relay<'a> {
     binding: &'a mut Binding,
     listener: Option<TcpListener>,
     conns: Vec<Conn>,
+    /// Connections served now, per (canonical) client address.
+    per_addr: std::collections::HashMap<IpAddr, usize>,
     owner: Option<u64>,
+    /// How long the owner has waited for the rest of its line, not
+    /// counting the time it waits now (since `owner_waiting`).
+    owner_waited: Duration,
+    owner_waiting: Option<Instant>,
     /// The token whose turn it is to write next: one past the last
     /// writer's. A token, not an index: finished connections leave the
     /// vector, and an index would then skip the one after them.
     turn: u64,
     next_token: u64,
     fifo_blocked: bool,
+    room: PipeRoom,
+    /// A line waits for room in the FIFO: look again after this long.
+    room_check: Option<Duration>,
+    /// Out of descriptors since then: the listener is not polled until a
+    /// connection ends or [`ACCEPT_RETRY`] has passed.
+    accept_paused: Option<Instant>,
+    /// The failure to accept was logged: not again until one succeeds.
+    accept_warned: bool,
+    cut_logged: bool,
     served: bool,
     opts: &'a InputOptions,
 }
@@ -146,20 +265,50 @@ impl Relay<'_> {
             if !self.fifo_blocked {
                 self.write_pending()?;
             }
+            let before = self.conns.len();
+            let per_addr = &mut self.per_addr;
             self.conns.retain(|c| {
-                if c.lines.finished() {
-                    log::info!("connection from {} ended", c.peer);
+                if !c.lines.finished() {
+                    return true;
                 }
-                !c.lines.finished()
+                log::info!("connection from {} ended", c.peer);
+                let ip = c.peer.ip();
+                if let Some(n) = per_addr.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_addr.remove(&ip);
+                    }
+                }
+                false
             });
-            let mut timeout = None;
+            if self.conns.len() < before {
+                self.accept_paused = None;
+            }
+            let mut timeout = self.limits();
+            let mut deadline = |t: Duration| {
+                timeout = Some(timeout.map_or(t, |old: Duration| old.min(t)));
+            };
+            if let Some(t) = self.room_check {
+                deadline(t);
+            }
+            if let Some(since) = self.accept_paused {
+                deadline(ACCEPT_RETRY.saturating_sub(since.elapsed()));
+            }
             if self.opts.once {
                 if self.served && self.conns.is_empty() {
                     if self.binding.fifo.unread() == 0 {
                         log::info!("stream ended and FIFO read empty: closing");
                         return Ok(());
                     }
-                    timeout = Some(DRAIN_CHECK);
+                    if self.fifo_gone() {
+                        log::warn!(
+                            "stream ended and FIFO {} removed with {} bytes unread: closing",
+                            self.binding.fifo.path().display(),
+                            self.binding.fifo.unread()
+                        );
+                        return Ok(());
+                    }
+                    deadline(DRAIN_CHECK);
                 } else if !self.served
                     && let Some(limit) = self.opts.accept_timeout
                 {
@@ -173,18 +322,20 @@ impl Relay<'_> {
                             ),
                         ));
                     }
-                    timeout = Some(left);
+                    deadline(left);
                 }
             }
 
             set.clear();
             let stop_slots = stop.register(&mut set);
+            let room_for_more = self.opts.max_conns == 0 || self.conns.len() < self.opts.max_conns;
             let listen_slot = match &self.listener {
-                Some(l) if self.conns.len() < MAX_CONNECTIONS => Some(set.add(l.as_fd(), IN)),
+                Some(l) if room_for_more && self.accept_paused.is_none() => {
+                    Some(set.add(l.as_fd(), IN))
+                }
                 _ => None,
             };
-            let fifo_slot = self
-                .fifo_blocked
+            let fifo_slot = (self.fifo_blocked && self.room_check.is_none())
                 .then(|| set.add(self.binding.fifo.as_fd(), OUT));
             let mut conn_slots = Vec::with_capacity(self.conns.len());
             for conn in &self.conns {
@@ -205,10 +356,20 @@ impl Relay<'_> {
                     return Ok(());
                 }
             }
+            if self.room_check.is_some() {
+                // Time to look at the room again.
+                self.fifo_blocked = false;
+            }
             if let Some(slot) = fifo_slot
                 && set.revents(slot) != 0
             {
                 self.fifo_blocked = false;
+            }
+            if self
+                .accept_paused
+                .is_some_and(|since| since.elapsed() >= ACCEPT_RETRY)
+            {
+                self.accept_paused = None;
             }
             for (conn, slot) in self.conns.iter_mut().zip(conn_slots) {
                 if let Some(slot) = slot
@@ -238,17 +399,104 @@ impl Relay<'_> {
         }
     }
 
+    /// Applies the idle and mid-line limits; returns when the next one
+    /// falls due, if any.
+    fn limits(&mut self) -> Option<Duration> {
+        let mut next: Option<Duration> = None;
+        let mut due = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(idle) = self.opts.idle_timeout {
+            for conn in &mut self.conns {
+                if conn.received > 0 || conn.lines.finished() {
+                    continue;
+                }
+                let left = idle.saturating_sub(conn.accepted.elapsed());
+                if left.is_zero() {
+                    log::warn!(
+                        "connection from {}: sent nothing within {} s: closed",
+                        conn.peer,
+                        idle.as_secs_f64()
+                    );
+                    conn.close();
+                    due(Duration::ZERO);
+                } else {
+                    due(left);
+                }
+            }
+        }
+        let Some(limit) = self.opts.line_timeout else {
+            return next;
+        };
+        let Some(idx) = self
+            .owner
+            .and_then(|t| self.conns.iter().position(|c| c.token == t))
+        else {
+            return next;
+        };
+        let conn = &mut self.conns[idx];
+        // Only the time spent waiting for the owner's own bytes counts,
+        // not the time its bytes wait for the reader.
+        let starved = conn.lines.writable().is_empty() && conn.lines.wants_input();
+        if !starved {
+            if let Some(since) = self.owner_waiting.take() {
+                self.owner_waited += since.elapsed();
+            }
+            return next;
+        }
+        let since = *self.owner_waiting.get_or_insert_with(Instant::now);
+        let waited = self.owner_waited + since.elapsed();
+        if waited >= limit {
+            let dropped = conn.close();
+            log::warn!(
+                "connection from {}: held the FIFO in the middle of a line for {:.1} s: \
+                 line completed with a newline, connection closed ({dropped} bytes dropped)",
+                conn.peer,
+                waited.as_secs_f64()
+            );
+            // Round again at once: its newline, then the others.
+            due(Duration::ZERO);
+            return next;
+        }
+        due(limit - waited);
+        next
+    }
+
+    /// Whether the FIFO is no longer in its place (removed or replaced),
+    /// so that no reader can ever empty it.
+    fn fifo_gone(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ours = match self.binding.fifo.file().metadata() {
+            Ok(m) => m.ino(),
+            Err(_) => return false,
+        };
+        match std::fs::symlink_metadata(self.binding.fifo.path()) {
+            Ok(m) => m.ino() != ours,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        }
+    }
+
     fn accept(&mut self) {
-        while self.conns.len() < MAX_CONNECTIONS {
+        while self.opts.max_conns == 0 || self.conns.len() < self.opts.max_conns {
             let Some(listener) = &self.listener else {
                 return;
             };
             let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The client gave up before we took it: take the next.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // EMFILE and friends: drop this round, try again later.
-                    log::warn!("cannot accept: {}", crate::error::describe_io(&e));
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the
+                    // backlog keeps the rest. Polling the listener now
+                    // would only wake us again at once.
+                    if !self.accept_warned {
+                        self.accept_warned = true;
+                        log::warn!(
+                            "cannot accept: {}; not accepting until a connection ends",
+                            crate::error::describe_io(&e)
+                        );
+                    }
+                    self.accept_paused = Some(Instant::now());
                     return;
                 }
             };
@@ -256,15 +504,29 @@ impl Relay<'_> {
             // them as the IPv4 addresses they are, as --allow names them.
             let from = net::canonical(peer.ip());
             let peer = SocketAddr::new(from, peer.port());
-            if let Some(allowed) = self.opts.allow
-                && net::canonical(allowed) != from
-            {
-                log::warn!("refused connection from {peer}: only {allowed} may connect");
+            if !self.opts.allow.is_empty() && !self.opts.allow.iter().any(|a| a.contains(from)) {
+                log::warn!("refused connection from {peer}: not in --allow");
+                continue;
+            }
+            let limit = self.opts.max_conns_per_addr;
+            if limit > 0 && self.per_addr.get(&from).copied().unwrap_or(0) >= limit {
+                log::warn!(
+                    "refused connection from {peer}: {limit} connections from {from} already"
+                );
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(KEEPALIVE_COUNT);
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+                log::debug!("connection from {peer}: no keepalive: {e}");
+            }
+            self.accept_warned = false;
+            *self.per_addr.entry(from).or_default() += 1;
             self.conns.push(Conn::new(self.next_token, stream, peer));
             self.next_token += 1;
             if self.opts.once {
@@ -281,36 +543,53 @@ impl Relay<'_> {
     /// Writes whatever complete lines the connections hold, one connection
     /// at a time, until the FIFO is full or nothing is left.
     fn write_pending(&mut self) -> Result<()> {
-        let capacity = self.binding.fifo.capacity();
         loop {
             let Some(idx) = self.pick() else {
                 return Ok(());
             };
-            let conn = &mut self.conns[idx];
-            let chunk = conn.lines.writable();
-            // A write of at most PIPE_BUF bytes is all or nothing: no need
-            // to ask how much room the FIFO has.
-            let room = if chunk.len() <= libc::PIPE_BUF {
-                chunk.len()
-            } else {
-                capacity.saturating_sub(self.binding.fifo.unread())
+            let plan = {
+                let lines = &mut self.conns[idx].lines;
+                let mid_line = lines.mid_line();
+                plan(
+                    &mut self.room,
+                    &self.binding.fifo,
+                    lines.writable(),
+                    mid_line,
+                )
             };
-            // Where the FIFO cannot take it all, stop at a line's end.
-            let chunk = if chunk.len() > room {
-                match memchr::memrchr(b'\n', &chunk[..room]) {
-                    Some(i) => &chunk[..=i],
-                    None => chunk,
+            let (len, whole) = match plan {
+                Plan::Whole(n) => (n, true),
+                Plan::Any(n) => (n, false),
+                Plan::Wait => {
+                    let next = self
+                        .room_check
+                        .map_or(Duration::from_millis(1), |t| (t * 2).min(ROOM_CHECK_MAX));
+                    self.room_check = Some(next);
+                    self.fifo_blocked = true;
+                    return Ok(());
                 }
-            } else {
-                chunk
             };
+            let conn = &mut self.conns[idx];
+            let chunk = &conn.lines.writable()[..len];
             match nix::unistd::write(self.binding.fifo.file(), chunk) {
                 Ok(n) => {
+                    self.room_check = None;
+                    self.room.wrote(n);
+                    if whole && n < len && !self.cut_logged {
+                        self.cut_logged = true;
+                        log::warn!("the FIFO took {n} of {len} bytes: a line was split");
+                    }
                     conn.lines.consumed(n);
-                    self.owner = conn.lines.mid_line().then_some(conn.token);
+                    let owner = conn.lines.mid_line().then_some(conn.token);
+                    if owner != self.owner {
+                        self.owner_waited = Duration::ZERO;
+                        self.owner_waiting = None;
+                    }
+                    self.owner = owner;
                     self.turn = conn.token + 1;
                 }
                 Err(nix::errno::Errno::EAGAIN) => {
+                    self.room_check = None;
                     self.fifo_blocked = true;
                     return Ok(());
                 }
@@ -327,7 +606,6 @@ impl Relay<'_> {
             }
         }
     }
-
     /// The connection whose turn it is to write, if any has something.
     fn pick(&mut self) -> Option<usize> {
         if let Some(token) = self.owner {

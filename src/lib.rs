@@ -1,12 +1,13 @@
 //! fifobind: join TCP sockets to named pipes, for shell scripts.
 //!
-//! The four commands in `bin/` are thin mains over this library; each
+//! The five commands in `bin/` are thin mains over this library; each
 //! module below owns one concern.
 
 pub mod args;
 pub mod binding;
 pub mod claim;
 pub mod cli;
+pub mod ctl;
 pub mod daemon;
 pub mod error;
 pub mod fifo;
@@ -16,11 +17,14 @@ pub mod logging;
 pub mod master;
 pub mod net;
 pub mod output;
+pub mod penalty;
 pub mod pool;
 pub mod process;
 pub mod protocol;
 pub mod registry;
 pub mod runtime_dir;
+pub mod secure;
 pub mod signals;
+pub mod spool;
 pub mod supervise;
 pub mod sweep;

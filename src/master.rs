@@ -6,34 +6,31 @@
 //! starts the daemon in its own process group with stdout into that
 //! binding's FIFO. The binding holds its FIFO open and cannot see the
 //! daemon end, so when the master reaps a daemon it sends the binding
-//! SIGTERM, which sends what is left and closes.
+//! SIGUSR1, which sends what is left and closes. Set-up, tear-down and
+//! stopping are [`Owner`]'s.
 
 use std::fs::{self, OpenOptions};
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus as Status, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
 
 use crate::args::{Host, Id, Key, Port};
 use crate::binding::{IN, PollSet};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::process::ProcessId;
-use crate::protocol::{self, Conn, Failure, Message};
-use crate::registry::{Entry, Kind, Registry};
-use crate::runtime_dir::RuntimeDir;
-use crate::signals::{self, Signals};
-use crate::supervise::{self, Watchdog};
-use crate::sweep;
-
-/// How long daemons and bindings get to stop after SIGTERM before SIGKILL.
-const GRACE: Duration = Duration::from_millis(1500);
+use crate::protocol::{self, Conn};
+use crate::registry::Kind;
+use crate::signals;
+use crate::supervise::{GRACE, Owner, START_LIMIT};
 
 pub struct MasterOptions {
     pub key: Key,
@@ -97,28 +94,37 @@ pub fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
     Ok(found)
 }
 
+/// Where a daemon is in its life.
+enum Life {
+    Running,
+    /// The daemon has ended; what it left in its process group is being
+    /// stopped: SIGKILL at `kill_at` (`None` once sent).
+    Ending {
+        status: Status,
+        kill_at: Option<Instant>,
+    },
+    /// The daemon and its whole group are gone.
+    Gone(Status),
+}
+
 struct Daemon {
     name: Id,
-    binding: ProcessId,
     process: ProcessId,
-    /// How it ended, once reaped.
-    status: Option<std::process::ExitStatus>,
-    /// After the daemon ended: when what it left in its group gets
-    /// SIGKILL; `None` once the group is empty.
-    group_deadline: Option<Instant>,
+    life: Life,
+    binding: ProcessId,
     /// How its binding ended, once reaped.
-    binding_status: Option<std::process::ExitStatus>,
+    binding_end: Option<Status>,
 }
 
 impl Daemon {
     fn done(&self) -> bool {
-        self.status.is_some() && self.group_deadline.is_none() && self.binding_status.is_some()
+        matches!(self.life, Life::Gone(_)) && self.binding_end.is_some()
     }
 
     /// Why it counts as failed, if it does.
     fn failure(&self) -> Option<String> {
-        match (self.status, self.binding_status) {
-            (Some(s), _) if !s.success() => Some(format!("{} ({s})", self.name)),
+        match (&self.life, self.binding_end) {
+            (Life::Gone(s), _) if !s.success() => Some(format!("{} ({s})", self.name)),
             (_, Some(b)) if !b.success() => Some(format!(
                 "{} (its output was not all delivered: binding {b})",
                 self.name
@@ -126,390 +132,222 @@ impl Daemon {
             _ => None,
         }
     }
-}
 
-struct Master {
-    opts: MasterOptions,
-    session: RuntimeDir,
-    registry: Registry,
-    watchdog: Watchdog,
-    daemons: Vec<Daemon>,
+    /// Moves it on with what has happened since last time.
+    fn step(&mut self, owner: &mut Owner) {
+        match self.life {
+            Life::Running => {
+                if let Some(status) = reap_one(self.process.pid) {
+                    log::info!("daemon {} ended ({status})", self.name);
+                    // What it left running in its group goes with it (the
+                    // group outlives its leader while members remain, so
+                    // its number cannot have been reused); it stays in the
+                    // registry until the group is empty.
+                    self.process.signal_group(Signal::SIGTERM);
+                    // Its output is complete: the binding sends all of it,
+                    // however slowly the pool reads, and closes.
+                    if self.binding_end.is_none() {
+                        self.binding.signal(signals::DRAIN);
+                    }
+                    self.life = Life::Ending {
+                        status,
+                        kill_at: Some(Instant::now() + GRACE),
+                    };
+                }
+            }
+            Life::Ending { status, kill_at } => {
+                if !self.process.group_is_alive() {
+                    owner.forget(self.process.pid);
+                    self.life = Life::Gone(status);
+                } else if kill_at.is_some_and(|t| Instant::now() > t) {
+                    log::warn!(
+                        "what daemon {} left running ignored SIGTERM: killed",
+                        self.name
+                    );
+                    self.process.signal_group(Signal::SIGKILL);
+                    self.life = Life::Ending {
+                        status,
+                        kill_at: None,
+                    };
+                }
+            }
+            Life::Gone(_) => {}
+        }
+        if self.binding_end.is_none()
+            && let Some(status) = reap_one(self.binding.pid)
+        {
+            self.binding_end = Some(status);
+            owner.forget(self.binding.pid);
+            if matches!(self.life, Life::Running) {
+                log::warn!(
+                    "the binding of daemon {} ended first: stopping the daemon",
+                    self.name
+                );
+                self.process.signal_group(Signal::SIGTERM);
+            }
+        }
+    }
 }
 
 pub fn run(opts: MasterOptions) -> Result<()> {
     // Daemons run in DDIR; their paths must not depend on our own cwd.
     let ddir = std::path::absolute(&opts.ddir).unwrap_or(opts.ddir.clone());
     let list = daemons(&ddir)?;
-    let dir = RuntimeDir::open()?;
-    sweep::sweep(&dir);
-    let (name, claim) = supervise::claim_owner(&dir, "master")?;
-    let claim_path = claim.path().to_path_buf();
-    let session_path = dir.dotfile(&name, "d");
-    let registry_path = dir.dotfile(&name, "registry");
-    let setup = (|| {
-        let session = RuntimeDir::at(&session_path)?;
-        let registry = Registry::create(&registry_path)
-            .map_err(|e| Error::io(format!("cannot create {}", registry_path.display()), &e))?;
-        Ok((session, registry))
-    })();
-    let (session, registry) = match setup {
-        Ok(pair) => pair,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&session_path);
-            claim.release();
-            return Err(e);
-        }
-    };
-    let signals = Signals::block(&[Signal::SIGCHLD])?;
-    let _guardian: OwnedFd = supervise::guardian(
-        &registry_path,
-        vec![session_path.clone(), claim_path.clone()],
-    )?;
-    let mut master = Master {
-        opts,
-        session,
-        registry,
-        watchdog: Watchdog::new()?,
-        daemons: Vec::new(),
-    };
-    let outcome = master.run(&signals, &list, &ddir);
-    let Master { registry, .. } = master;
-    registry.delete();
-    let _ = fs::remove_dir_all(&session_path);
-    claim.release();
-    outcome
+    let mut owner = Owner::new("master", true)?;
+    let mut daemons = Vec::new();
+    let outcome = start_all(&opts, &mut owner, &mut daemons, &list, &ddir)
+        .and_then(|()| wait(&mut owner, &mut daemons));
+    owner.finish(outcome)
 }
 
-impl Master {
-    fn run(&mut self, signals: &Signals, list: &[(Id, PathBuf)], ddir: &Path) -> Result<()> {
-        if let Err(e) = self.start_all(signals, list, ddir) {
-            self.stop_all();
-            // A signal during a blocking step (connect, a read from the
-            // pool) is noticed once the step ends: it, not the step's
-            // failure, is why we stop.
-            if let Some(sig) = stop_signal(signals) {
-                log::info!("stopping on {sig}");
-                return Err(Error::new(ExitStatus::Signal(sig as i32), String::new()));
-            }
-            return Err(e);
-        }
-        self.wait(signals)
+fn start_all(
+    opts: &MasterOptions,
+    owner: &mut Owner,
+    daemons: &mut Vec<Daemon>,
+    list: &[(Id, PathBuf)],
+    ddir: &Path,
+) -> Result<()> {
+    let pool = format!("pool at {}:{}", opts.host, opts.port);
+    let stream = connect(opts, owner)?;
+    let mut conn = Conn::new(stream, opts.step_timeout)
+        .map_err(|e| Error::io("cannot configure the connection", &e))?;
+    owner.stop_on(&mut conn)?;
+    protocol::authenticate(&mut conn, &opts.key).map_err(|f| f.at(&pool))?;
+    log::info!("authenticated with the {pool}");
+    for (name, path) in list {
+        let port = protocol::request_port(&mut conn, name).map_err(|f| f.at(&pool))?;
+        daemons.push(start_daemon(opts, owner, name, path, ddir, port)?);
     }
+    protocol::end(&mut conn).map_err(|f| f.at(&pool))
+}
 
-    fn start_all(&mut self, signals: &Signals, list: &[(Id, PathBuf)], ddir: &Path) -> Result<()> {
-        let stream = net::connect(
-            self.opts.host.as_str(),
-            self.opts.port,
-            self.opts.connect_timeout,
-        )?;
-        let mut conn = Conn::new(stream, self.opts.step_timeout)
-            .map_err(|e| Error::io("cannot configure the connection", &e))?;
-        self.handshake(&mut conn)?;
-        log::info!(
-            "authenticated with the pool at {}:{}",
-            self.opts.host,
-            self.opts.port
-        );
-        for (name, path) in list {
-            if let Some(sig) = stop_signal(signals) {
-                return Err(Error::new(ExitStatus::Signal(sig as i32), String::new()));
-            }
-            conn.send(&Message::Daemon { name: name.clone() })
-                .map_err(|e| self.pool_failure(e))?;
-            let port = match conn.recv() {
-                Ok(Message::Port { port }) => port,
-                Ok(other) => {
-                    return Err(Error::new(
-                        ExitStatus::Protocol,
-                        format!("the pool answered {other} to DAEMON {name}"),
-                    ));
-                }
-                Err(Failure::Refused(reason)) => {
-                    return Err(Error::new(
-                        ExitStatus::Unavailable,
-                        format!("the pool cannot take daemon {name}: {reason}"),
-                    ));
-                }
-                Err(e) => return Err(self.pool_failure(e)),
-            };
-            self.start_daemon(name, path, ddir, port)?;
-        }
-        conn.send(&Message::End).map_err(|e| self.pool_failure(e))?;
-        match conn.recv() {
-            Ok(Message::Bye) => {}
-            Ok(other) => log::warn!("the pool answered {other} to END"),
-            Err(e) => log::warn!("the pool did not acknowledge END: {e}"),
-        }
-        Ok(())
-    }
-
-    fn pool_failure(&self, e: Failure) -> Error {
-        let status = match &e {
-            // A step's read timeout surfaces as EAGAIN, which of_io
-            // would take for a lack of resources.
-            Failure::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                ExitStatus::TempFail
-            }
-            Failure::Io(io) => ExitStatus::of_io(io),
-            Failure::Protocol(_) => ExitStatus::Protocol,
-            Failure::Refused(_) => ExitStatus::Unavailable,
-        };
-        let status = if status == ExitStatus::CantCreate {
-            ExitStatus::Unavailable
-        } else {
-            status
-        };
-        Error::new(
-            status,
-            format!("pool at {}:{}: {e}", self.opts.host, self.opts.port),
-        )
-    }
-
-    fn handshake(&self, conn: &mut Conn) -> Result<()> {
-        let key = &self.opts.key;
-        let nonce = match conn.recv() {
-            Ok(Message::Challenge { nonce, .. }) => nonce,
-            Ok(other) => {
-                conn.refuse("expected FIFOBIND 1 CHALLENGE");
+/// Connects to the pool on a thread of its own, so that a stop signal
+/// need not wait for the connect's timeout (a host that drops our SYNs).
+fn connect(opts: &MasterOptions, owner: &Owner) -> Result<TcpStream> {
+    let (tx, rx) = mpsc::channel();
+    let (host, port, limit) = (opts.host.to_string(), opts.port, opts.connect_timeout);
+    std::thread::spawn(move || tx.send(net::connect(&host, port, limit)));
+    let mut set = PollSet::default();
+    loop {
+        match rx.try_recv() {
+            Ok(result) => return result,
+            Err(mpsc::TryRecvError::Disconnected) => {
                 return Err(Error::new(
-                    ExitStatus::Protocol,
-                    format!("the pool opened with {other}"),
+                    ExitStatus::Software,
+                    "the connecting thread died",
                 ));
             }
-            Err(e) => return Err(self.pool_failure(e)),
-        };
-        let cnonce = protocol::nonce();
-        conn.send(&Message::Auth {
-            version: protocol::VERSION,
-            cnonce: cnonce.clone(),
-            mac: protocol::mac(key, "master", &nonce, &cnonce),
-        })
-        .map_err(|e| self.pool_failure(e))?;
-        match conn.recv() {
-            Ok(Message::Ok { proof }) if protocol::verify(key, "pool", &nonce, &cnonce, &proof) => {
-                Ok(())
-            }
-            Ok(Message::Ok { .. }) => Err(Error::new(
-                ExitStatus::NoPerm,
-                "the pool does not know the key: refusing to send it anything",
-            )),
-            Ok(other) => Err(Error::new(
-                ExitStatus::Protocol,
-                format!("the pool answered {other}"),
-            )),
-            Err(Failure::Refused(reason)) => Err(Error::new(
-                // Busy serving another master: worth trying again later.
-                if reason.starts_with("busy") {
-                    ExitStatus::TempFail
-                } else {
-                    ExitStatus::NoPerm
-                },
-                format!("the pool refused this master: {reason}"),
-            )),
-            Err(e) => Err(self.pool_failure(e)),
+            Err(mpsc::TryRecvError::Empty) => {}
         }
+        if let Some(sig) = owner.stop_signal() {
+            return Err(Error::new(ExitStatus::Signal(sig as i32), ""));
+        }
+        set.clear();
+        set.add(owner.signals.as_fd(), IN);
+        // The thread's answer wakes nobody: look again shortly.
+        set.wait(Some(Duration::from_millis(20)))
+            .map_err(|e| Error::io("cannot wait for events", &e))?;
     }
+}
 
-    fn start_daemon(&mut self, name: &Id, path: &Path, ddir: &Path, port: Port) -> Result<()> {
-        let args = vec![
-            "--connect-timeout".to_string(),
-            self.opts.connect_timeout.as_secs_f64().to_string(),
-            name.to_string(),
-            self.opts.host.to_string(),
-            port.to_string(),
-        ];
-        let binding =
-            supervise::start_binding("bind-output", &args, self.session.path(), &self.watchdog)?;
-        self.register(Kind::Binding, binding, name)?;
-        let fifo_path = self.session.fifo(name);
-        // The binding holds its FIFO open read-write: this open returns at
-        // once.
-        let fifo = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&fifo_path)
-            .map_err(|e| Error::io(format!("cannot open FIFO {}", fifo_path.display()), &e))?;
-        let mut cmd = Command::new(path);
-        cmd.stdin(Stdio::null()).stdout(fifo).current_dir(ddir);
-        // SAFETY: setpgid and sigprocmask are async-signal-safe. Each
-        // daemon leads its own process group, so stopping it stops its
-        // children too; and it must not inherit our blocked signals.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setpgid(0, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                crate::signals::unblock_in_child()
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::io(format!("cannot start daemon {}", path.display()), &e))?;
-        let pid = child.id() as i32;
-        drop(child);
-        let process = ProcessId::of(pid).unwrap_or(ProcessId { pid, start: 0 });
-        self.register(Kind::Daemon, process, name)?;
-        log::info!("daemon {name} (pid {pid}) → {}:{port}", self.opts.host);
-        self.daemons.push(Daemon {
-            name: name.clone(),
-            binding,
-            process,
-            status: None,
-            group_deadline: None,
-            binding_status: None,
+fn start_daemon(
+    opts: &MasterOptions,
+    owner: &mut Owner,
+    name: &Id,
+    path: &Path,
+    ddir: &Path,
+    port: Port,
+) -> Result<Daemon> {
+    let args = vec![
+        "--connect-timeout".to_string(),
+        opts.connect_timeout.as_secs_f64().to_string(),
+        name.to_string(),
+        opts.host.to_string(),
+        port.to_string(),
+    ];
+    // It connects before it is ready.
+    let limit = opts.connect_timeout + START_LIMIT;
+    let binding = owner.start_binding("bind-output", &args, name, limit)?;
+    let fifo_path = owner.binding_dir().fifo(name);
+    // The binding holds its FIFO open read-write: this open returns at
+    // once.
+    let fifo = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&fifo_path)
+        .map_err(|e| Error::io(format!("cannot open the FIFO {}", fifo_path.display()), &e))?;
+    let mut cmd = Command::new(path);
+    cmd.stdin(Stdio::null()).stdout(fifo).current_dir(ddir);
+    // SAFETY: setpgid and sigprocmask are async-signal-safe. Each daemon
+    // leads its own process group, so stopping it stops its children too;
+    // and it must not inherit our blocked signals.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            crate::signals::unblock_in_child()
         });
-        Ok(())
     }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("cannot start daemon {}", path.display()), &e))?;
+    let pid = child.id() as i32;
+    drop(child);
+    let process = ProcessId::of(pid).unwrap_or(ProcessId { pid, start: 0 });
+    owner.register(Kind::Daemon, process, name)?;
+    log::info!("daemon {name} (pid {pid}) → {}:{port}", opts.host);
+    Ok(Daemon {
+        name: name.clone(),
+        process,
+        life: Life::Running,
+        binding,
+        binding_end: None,
+    })
+}
 
-    fn register(&mut self, kind: Kind, process: ProcessId, name: &Id) -> Result<()> {
-        self.registry
-            .add(Entry {
-                kind,
-                process,
-                name: name.to_string(),
-            })
-            .map_err(|e| Error::io("cannot write the registry", &e))
-    }
-
-    /// Waits for every daemon and binding to end.
-    fn wait(&mut self, signals: &Signals) -> Result<()> {
-        let mut set = PollSet::default();
-        loop {
-            self.reap();
-            if self.daemons.iter().all(Daemon::done) {
-                let failed: Vec<String> = self.daemons.iter().filter_map(Daemon::failure).collect();
-                if failed.is_empty() {
-                    log::info!("every daemon exited 0");
-                    return Ok(());
-                }
-                return Err(Error::new(
-                    ExitStatus::Failure,
-                    format!("daemon(s) failed: {}", failed.join(", ")),
-                ));
-            }
-            set.clear();
-            set.add(signals.as_fd(), IN);
-            // A group left behind by its daemon sends no SIGCHLD when it
-            // empties: look again shortly.
-            let groups_pending = self.daemons.iter().any(|d| d.group_deadline.is_some());
-            let timeout = groups_pending.then_some(Duration::from_millis(20));
-            set.wait(timeout)
-                .map_err(|e| Error::io("cannot wait for events", &e))?;
-            if let Some(sig) = stop_signal(signals) {
-                log::info!("stopping on {sig}");
-                self.stop_all();
-                return Err(Error::new(ExitStatus::Signal(sig as i32), String::new()));
-            }
+/// Waits for every daemon and binding to end.
+fn wait(owner: &mut Owner, daemons: &mut [Daemon]) -> Result<()> {
+    let mut set = PollSet::default();
+    loop {
+        for d in daemons.iter_mut() {
+            d.step(owner);
         }
-    }
-
-    fn reap(&mut self) {
-        for i in 0..self.daemons.len() {
-            if self.daemons[i].status.is_none()
-                && let Some(status) = reap_one(self.daemons[i].process.pid)
-            {
-                let d = &mut self.daemons[i];
-                log::info!("daemon {} ended ({status})", d.name);
-                d.status = Some(status);
-                // What it left running in its group goes with it (the
-                // group outlives its leader while members remain, so its
-                // number cannot have been reused); it stays in the
-                // registry until the group is empty.
-                let _ = nix::sys::signal::killpg(Pid::from_raw(d.process.pid), Signal::SIGTERM);
-                d.group_deadline = Some(Instant::now() + GRACE);
-                // Its output is complete: the binding sends all of it,
-                // however slowly the pool reads, and closes.
-                if d.binding_status.is_none() {
-                    d.binding.signal(signals::DRAIN);
-                }
+        if daemons.iter().all(Daemon::done) {
+            let failed: Vec<String> = daemons.iter().filter_map(Daemon::failure).collect();
+            if failed.is_empty() {
+                log::info!("every daemon exited 0");
+                return Ok(());
             }
-            if let Some(deadline) = self.daemons[i].group_deadline {
-                let d = &mut self.daemons[i];
-                if !d.process.group_is_alive() {
-                    d.group_deadline = None;
-                    let _ = self.registry.remove(d.process.pid);
-                } else if Instant::now() > deadline {
-                    log::warn!(
-                        "what daemon {} left running ignored SIGTERM: killed",
-                        d.name
-                    );
-                    let _ = nix::sys::signal::killpg(Pid::from_raw(d.process.pid), Signal::SIGKILL);
-                }
-            }
-            if self.daemons[i].binding_status.is_none()
-                && let Some(status) = reap_one(self.daemons[i].binding.pid)
-            {
-                let d = &mut self.daemons[i];
-                d.binding_status = Some(status);
-                let _ = self.registry.remove(d.binding.pid);
-                if d.status.is_none() {
-                    log::warn!(
-                        "the binding of daemon {} ended first: stopping the daemon",
-                        d.name
-                    );
-                    d.process.signal_group(Signal::SIGTERM);
-                }
-            }
+            return Err(Error::new(
+                ExitStatus::Failure,
+                format!("daemon(s) failed: {}", failed.join(", ")),
+            ));
         }
-    }
-
-    /// Stops every daemon (with its process group) and every binding, and
-    /// reaps them; SIGKILL for whatever outlives the grace period.
-    fn stop_all(&mut self) {
-        for entry in self.registry.entries() {
-            entry.signal(Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + GRACE;
-        loop {
-            self.reap_registered();
-            if self.registry.entries().is_empty() || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for entry in self.registry.entries().to_vec() {
-            if entry.alive() {
-                entry.signal(Signal::SIGKILL);
-            }
-            let _ = waitpid(Pid::from_raw(entry.process.pid), None);
-            let _ = self.registry.remove(entry.process.pid);
-        }
-    }
-
-    /// Reaps what has ended and forgets it. A daemon is forgotten only
-    /// once its whole process group has ended: a child of it deaf to
-    /// SIGTERM outlives its daemon, and must still get the SIGKILL.
-    fn reap_registered(&mut self) {
-        for entry in self.registry.entries().to_vec() {
-            if reap_one(entry.process.pid).is_some() && !entry.alive() {
-                let _ = self.registry.remove(entry.process.pid);
-            }
+        set.clear();
+        set.add(owner.signals.as_fd(), IN);
+        set.add(owner.children.as_fd(), IN);
+        // A group left behind by its daemon sends no SIGCHLD when it
+        // empties: look again shortly.
+        let ending = daemons
+            .iter()
+            .any(|d| matches!(d.life, Life::Ending { .. }));
+        set.wait(ending.then_some(Duration::from_millis(20)))
+            .map_err(|e| Error::io("cannot wait for events", &e))?;
+        owner.children.drain();
+        if let Some(sig) = owner.stop_signal() {
+            return Err(Error::new(ExitStatus::Signal(sig as i32), ""));
         }
     }
 }
 
 /// The exit status of child `pid` if it has ended (reaping it).
-fn reap_one(pid: i32) -> Option<std::process::ExitStatus> {
-    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => Some(std::process::ExitStatus::from_raw(code << 8)),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Some(std::process::ExitStatus::from_raw(sig as i32)),
+fn reap_one(pid: i32) -> Option<Status> {
+    match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(Status::from_raw(code << 8)),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(Status::from_raw(sig as i32)),
         Ok(_) => None,
         // Not our child (any more): count it as gone.
-        Err(_) => Some(std::process::ExitStatus::from_raw(0xff << 8)),
+        Err(_) => Some(Status::from_raw(0xff << 8)),
     }
-}
-
-/// A pending SIGINT, SIGHUP or SIGTERM; SIGCHLD is only a wake-up.
-fn stop_signal(signals: &Signals) -> Option<Signal> {
-    while let Some(sig) = signals.next() {
-        if sig != Signal::SIGCHLD {
-            return Some(sig);
-        }
-    }
-    None
 }

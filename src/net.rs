@@ -10,6 +10,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::args::Port;
 use crate::error::{Error, ExitStatus, Result};
 
+/// The listen backlog asked for: as much as the system allows.
+pub const LISTEN_BACKLOG: i32 = 65535;
+
 /// Listens on `port` of `addr`, or of every interface, IPv4 and IPv6 alike,
 /// when `addr` is `None`.
 pub fn listen(addr: Option<IpAddr>, port: Port) -> Result<TcpListener> {
@@ -39,7 +42,11 @@ fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
     // a port somebody listens on is still refused.
     socket.set_reuse_address(true)?;
     socket.bind(&SockAddr::from(addr))?;
-    socket.listen(128)?;
+    // A burst of connections waits here while the binding serves others;
+    // a short backlog overflows and, with SYN cookies, the kernel resets
+    // the overflow once it sends. The kernel caps this at
+    // net.core.somaxconn (4096 by default).
+    socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -93,9 +100,119 @@ pub fn canonical(addr: IpAddr) -> IpAddr {
     addr.to_canonical()
 }
 
+/// A peer's address as logs and messages show it: `127.0.0.1:57414`,
+/// not the `[::ffff:127.0.0.1]:57414` a dual-stack listener reports.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(addr.ip()), addr.port())
+}
+
+/// An address or a CIDR prefix a client may connect from (`--allow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allow {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Allow {
+    pub fn contains(&self, peer: IpAddr) -> bool {
+        match (self.addr, canonical(peer)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), u128::from(ip), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn masked(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
+    let shift = u32::from(bits - prefix);
+    prefix == 0 || (net >> shift) == (ip >> shift)
+}
+
+impl std::str::FromStr for Allow {
+    type Err = String;
+
+    /// `ADDR` or `ADDR/PREFIX`; an IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, `::ffff:a.b.0.0/112`) is the IPv4 one it stands for,
+    /// as a dual-stack socket reports IPv4 peers that way.
+    fn from_str(s: &str) -> std::result::Result<Allow, String> {
+        let bad = || format!("'{s}' is not an address or ADDR/PREFIX");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let (addr, prefix) = match (addr, canonical(addr)) {
+            (IpAddr::V6(_), v4 @ IpAddr::V4(_)) => match prefix {
+                None => (v4, 32),
+                Some(p) if (96..=128).contains(&p) => (v4, p - 96),
+                Some(_) => return Err(format!("'{s}': an IPv4-mapped prefix is /96 to /128")),
+            },
+            (a, _) => {
+                let bits = if a.is_ipv4() { 32 } else { 128 };
+                match prefix {
+                    None => (a, bits),
+                    Some(p) if p <= bits => (a, p),
+                    Some(_) => return Err(format!("'{s}': the prefix is at most /{bits}")),
+                }
+            }
+        };
+        Ok(Allow { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Allow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bits = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == bits {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapped_peer_shows_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:57414".parse().unwrap();
+        assert_eq!(unmapped(mapped).to_string(), "127.0.0.1:57414");
+        let six: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(unmapped(six).to_string(), "[::1]:9");
+    }
+
+    #[test]
+    fn allow_takes_addresses_and_prefixes() {
+        let a = |s: &str| s.parse::<Allow>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(a("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(a("127.0.0.1").contains(ip("::ffff:127.0.0.1")));
+        assert!(!a("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(a("10.1.0.0/16").contains(ip("10.1.200.3")));
+        assert!(!a("10.1.0.0/16").contains(ip("10.2.0.1")));
+        assert!(a("::ffff:192.0.2.7").contains(ip("192.0.2.7")));
+        assert!(a("::ffff:192.0.2.0/120").contains(ip("::ffff:192.0.2.99")));
+        assert_eq!(a("::ffff:192.0.2.0/120").to_string(), "192.0.2.0/24");
+        assert!(a("fd00::/8").contains(ip("fd12::1")));
+        assert!(!a("fd00::/8").contains(ip("127.0.0.1")));
+        assert!(a("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(a("::1").contains(ip("::1")));
+        for bad in [
+            "nowhere",
+            "10.0.0.0/33",
+            "::1/129",
+            "1.2.3.4/x",
+            "::ffff:1.2.3.4/64",
+        ] {
+            assert!(bad.parse::<Allow>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn mapped_ipv4_is_ipv4() {

@@ -67,8 +67,20 @@ fn group_members(pgid: i32) -> Vec<Stat> {
 
 impl ProcessId {
     pub fn current() -> ProcessId {
+        ProcessId::try_current().expect("/proc/self/stat is readable")
+    }
+
+    /// This process's identity, or why `/proc/self/stat` cannot be read
+    /// (out of descriptors, say).
+    pub fn try_current() -> std::io::Result<ProcessId> {
         let pid = std::process::id() as i32;
-        ProcessId::of(pid).expect("/proc/self/stat is readable")
+        let text = std::fs::read_to_string("/proc/self/stat")?;
+        let start = text
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(19)?.parse().ok())
+            .ok_or_else(|| std::io::Error::other("unreadable /proc/self/stat"))?;
+        Ok(ProcessId { pid, start })
     }
 
     /// The identity of the running process `pid`, if there is one.

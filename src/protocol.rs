@@ -20,15 +20,26 @@
 //! bytes, ends in `\n` (a `\r` before it is tolerated), holds printable
 //! ASCII only, and every step has a timeout; anything else is answered
 //! with an `ERR` line and a closed connection.
+//!
+//! The handshake is one function per side, [`authenticate`] (master) and
+//! [`challenge`] (pool), so that another version can replace it whole.
+//! Every wait for the peer also ends on a stop signal ([`Conn::stop_on`]),
+//! and a failure becomes the command's error, with its exit status,
+//! through one `From<Failure> for Error`.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use hmac::{KeyInit, Mac};
+use nix::sys::signal::Signal;
 
 use crate::args::{Id, Key, Port};
+use crate::binding::{IN, PollSet};
+use crate::error::{Error, ExitStatus};
+use crate::signals::Signals;
 
 pub const VERSION: u32 = 1;
 /// The longest line either side accepts, newline included.
@@ -155,6 +166,10 @@ pub enum Failure {
     Protocol(String),
     /// The peer answered `ERR`.
     Refused(String),
+    /// Authentication failed: a wrong key on either side.
+    Denied(String),
+    /// A stop signal came while waiting for the peer.
+    Stopped(Signal),
 }
 
 impl fmt::Display for Failure {
@@ -172,9 +187,42 @@ impl fmt::Display for Failure {
                 f.write_str("timed out")
             }
             Failure::Io(e) => f.write_str(&crate::error::describe_io(e)),
-            Failure::Protocol(s) => f.write_str(s),
+            Failure::Protocol(s) | Failure::Denied(s) => f.write_str(s),
             Failure::Refused(s) => write!(f, "refused: {s}"),
+            Failure::Stopped(sig) => write!(f, "stopped by {sig}"),
         }
+    }
+}
+
+impl Failure {
+    /// The error of a command whose exchange with `peer` failed so.
+    pub fn at(self, peer: impl fmt::Display) -> Error {
+        let mut err = Error::from(self);
+        if !err.message.is_empty() {
+            err.message = format!("{peer}: {}", err.message);
+        }
+        err
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Error {
+        let status = match &failure {
+            // A stop is no failure to report: only its status counts.
+            Failure::Stopped(sig) => return Error::new(ExitStatus::Signal(*sig as i32), ""),
+            Failure::Io(e) => match ExitStatus::of_io(e) {
+                // A peer that vanished, not a file we failed to create.
+                ExitStatus::CantCreate => ExitStatus::Unavailable,
+                status => status,
+            },
+            Failure::Protocol(_) => ExitStatus::Protocol,
+            // Busy serving another master, or too many at once: worth
+            // trying again later.
+            Failure::Refused(reason) if reason.starts_with("busy") => ExitStatus::TempFail,
+            Failure::Refused(_) => ExitStatus::Unavailable,
+            Failure::Denied(_) => ExitStatus::NoPerm,
+        };
+        Error::new(status, failure.to_string())
     }
 }
 
@@ -185,37 +233,58 @@ pub struct Conn {
     step: Duration,
 }
 
-/// The reading side of a connection, whose reads all end by one deadline.
-/// A socket timeout bounds each read(2) alone: a peer trickling a byte now
-/// and then would hold a line, and the pool's handshake slot, open for as
-/// long as it liked. So each read waits only for what is left of the time
-/// the whole line has.
+/// The reading side of a connection, whose reads all end by one deadline,
+/// or at once when a stop signal comes. A socket timeout bounds each
+/// read(2) alone: a peer trickling a byte now and then would hold a line,
+/// and the pool's handshake slot, open for as long as it liked. So each
+/// read waits only for what is left of the time the whole line has.
 struct Deadlined {
     stream: TcpStream,
     deadline: Instant,
+    stop: Option<Signals>,
+    /// The stop signal that ended the last read.
+    stopped: Option<Signal>,
 }
 
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+        let mut set = PollSet::default();
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            set.clear();
+            let data = set.add(self.stream.as_fd(), IN);
+            let stop = self.stop.as_ref().map(|s| set.add(s.as_fd(), IN));
+            set.wait(Some(left))?;
+            if let (Some(slot), Some(signals)) = (stop, &self.stop)
+                && set.revents(slot) != 0
+                && let Some(sig) = signals.next()
+            {
+                self.stopped = Some(sig);
+                // Not `Interrupted`: readers retry that.
+                return Err(io::Error::other("stopped by a signal"));
+            }
+            if set.revents(data) != 0 {
+                // Readable (or closed): this read does not block.
+                return self.stream.read(buf);
+            }
         }
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
     }
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, step: Duration) -> io::Result<Conn> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(step))?;
         stream.set_write_timeout(Some(step))?;
         let _ = stream.set_nodelay(true);
         let writer = stream.try_clone()?;
         let reader = Deadlined {
             stream,
             deadline: Instant::now() + step,
+            stop: None,
+            stopped: None,
         };
         Ok(Conn {
             reader: BufReader::with_capacity(MAX_LINE, reader),
@@ -224,8 +293,16 @@ impl Conn {
         })
     }
 
-    pub fn stream(&self) -> &TcpStream {
-        &self.writer
+    /// Makes every wait for the peer end as soon as one of `signals`
+    /// comes, with [`Failure::Stopped`].
+    pub fn stop_on(&mut self, signals: Signals) {
+        self.reader.get_mut().stop = Some(signals);
+    }
+
+    /// True when a line (or part of one) is already read in: the socket
+    /// may say nothing more, yet [`Conn::recv`] has something to return.
+    pub fn has_buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
     }
 
     pub fn send(&mut self, msg: &Message) -> Result<(), Failure> {
@@ -245,12 +322,118 @@ impl Conn {
     /// timeout; an `ERR` line becomes [`Failure::Refused`].
     pub fn recv(&mut self) -> Result<Message, Failure> {
         self.reader.get_mut().deadline = Instant::now() + self.step;
-        let line = read_line(&mut self.reader)?;
-        match Message::parse(&line).map_err(Failure::Protocol)? {
+        let line = read_line(&mut self.reader);
+        if let Some(sig) = self.reader.get_mut().stopped.take() {
+            return Err(Failure::Stopped(sig));
+        }
+        match Message::parse(&line?).map_err(Failure::Protocol)? {
             Message::Err { reason } => Err(Failure::Refused(reason)),
             msg => Ok(msg),
         }
     }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.writer.as_fd()
+    }
+}
+
+// The handshakes of version 1. Each side is one function over a `Conn`,
+// so that another version can replace it whole.
+
+/// The master's side: answers the pool's challenge and checks its proof.
+pub fn authenticate(conn: &mut Conn, key: &Key) -> Result<(), Failure> {
+    let nonce = match conn.recv()? {
+        Message::Challenge { nonce, .. } => nonce,
+        other => {
+            conn.refuse("expected FIFOBIND 1 CHALLENGE");
+            return Err(Failure::Protocol(format!("the pool opened with {other}")));
+        }
+    };
+    let cnonce = self::nonce();
+    conn.send(&Message::Auth {
+        version: VERSION,
+        cnonce: cnonce.clone(),
+        mac: mac(key, "master", &nonce, &cnonce),
+    })?;
+    match conn.recv() {
+        Ok(Message::Ok { proof }) if verify(key, "pool", &nonce, &cnonce, &proof) => Ok(()),
+        Ok(Message::Ok { .. }) => Err(Failure::Denied(
+            "the pool does not know the key: refusing to send it anything".into(),
+        )),
+        Ok(other) => Err(Failure::Protocol(format!("the pool answered {other}"))),
+        Err(Failure::Refused(reason)) if !reason.starts_with("busy") => Err(Failure::Denied(
+            format!("the pool refused this master: {reason}"),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// The pool's side: challenges the master and checks its answer; then
+/// `admit` says whether it can be served now (the reason why not is sent
+/// as `ERR`), and the pool proves it knows the key too.
+pub fn challenge(
+    conn: &mut Conn,
+    key: &Key,
+    admit: impl FnOnce() -> Result<(), String>,
+) -> Result<(), Failure> {
+    let nonce = self::nonce();
+    conn.send(&Message::Challenge {
+        version: VERSION,
+        nonce: nonce.clone(),
+    })?;
+    let cnonce = match conn.recv() {
+        Ok(Message::Auth { cnonce, mac, .. }) => {
+            if !verify(key, "master", &nonce, &cnonce, &mac) {
+                conn.refuse("authentication failed: wrong key");
+                return Err(Failure::Denied("refused: wrong key".into()));
+            }
+            cnonce
+        }
+        Ok(other) => {
+            conn.refuse("expected FIFOBIND 1 AUTH");
+            return Err(Failure::Protocol(format!(
+                "refused: sent {other} before authenticating"
+            )));
+        }
+        Err(e) => {
+            if !matches!(e, Failure::Io(_)) {
+                conn.refuse(&e.to_string());
+            }
+            return Err(e);
+        }
+    };
+    if let Err(reason) = admit() {
+        conn.refuse(&reason);
+        return Err(Failure::Denied(format!("refused: {reason}")));
+    }
+    conn.send(&Message::Ok {
+        proof: mac(key, "pool", &nonce, &cnonce),
+    })
+}
+
+/// The master asks for the port of daemon `name`'s binding.
+pub fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
+    conn.send(&Message::Daemon { name: name.clone() })?;
+    match conn.recv()? {
+        Message::Port { port } => Ok(port),
+        other => Err(Failure::Protocol(format!(
+            "the pool answered {other} to DAEMON {name}"
+        ))),
+    }
+}
+
+/// The master ends its session. The pool's BYE is only logged if missing:
+/// everything it had to do is done.
+pub fn end(conn: &mut Conn) -> Result<(), Failure> {
+    conn.send(&Message::End)?;
+    match conn.recv() {
+        Ok(Message::Bye) => {}
+        Ok(other) => log::warn!("the pool answered {other} to END"),
+        Err(e) => log::warn!("the pool did not acknowledge END: {e}"),
+    }
+    Ok(())
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes and checks its bytes.
@@ -381,6 +564,116 @@ mod tests {
         assert!(!verify(&key("k12"), "pool", &n, &c, &m));
         assert!(!verify(&key("k12"), "master", &nonce(), &c, &m));
         assert!(!verify(&key("k12"), "master", &n, &c, "zz"));
+    }
+
+    /// The two ends of a loopback connection, as `Conn`s.
+    fn pair() -> (Conn, Conn) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, _) = listener.accept().unwrap();
+        let step = Duration::from_secs(5);
+        (Conn::new(a, step).unwrap(), Conn::new(b, step).unwrap())
+    }
+
+    /// Runs the pool's side on a thread and the master's here.
+    fn handshake(
+        pool_key: &str,
+        master_key: &str,
+        admit: Result<(), String>,
+    ) -> (Result<(), Failure>, Result<(), Failure>) {
+        let (mut master, mut pool) = pair();
+        let pool_key = key(pool_key);
+        let pool = std::thread::spawn(move || challenge(&mut pool, &pool_key, || admit));
+        let master = authenticate(&mut master, &key(master_key));
+        (master, pool.join().unwrap())
+    }
+
+    fn status(f: Failure) -> ExitStatus {
+        Error::from(f).status
+    }
+
+    #[test]
+    fn handshake_with_the_same_key_succeeds_and_a_session_follows() {
+        let (mut master, mut pool) = pair();
+        let k = key("k12");
+        let pool = std::thread::spawn(move || {
+            challenge(&mut pool, &k, || Ok(())).unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::Daemon { .. })));
+            pool.send(&Message::Port { port: Port(30001) }).unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::End)));
+            pool.send(&Message::Bye).unwrap();
+        });
+        authenticate(&mut master, &key("k12")).unwrap();
+        let port = request_port(&mut master, &"dem1".parse().unwrap()).unwrap();
+        assert_eq!(port, Port(30001));
+        end(&mut master).unwrap();
+        pool.join().unwrap();
+    }
+
+    #[test]
+    fn a_wrong_key_is_denied_on_both_sides() {
+        let (master, pool) = handshake("k12", "k13", Ok(()));
+        let master = master.unwrap_err();
+        assert!(master.to_string().contains("wrong key"), "{master}");
+        assert_eq!(status(master), ExitStatus::NoPerm);
+        assert!(matches!(pool, Err(Failure::Denied(_))), "{pool:?}");
+    }
+
+    #[test]
+    fn a_busy_pool_is_a_temporary_failure() {
+        let (master, pool) =
+            handshake("k", "k", Err("busy: another master is being served".into()));
+        assert!(pool.is_err());
+        let master = master.unwrap_err();
+        assert!(master.to_string().contains("busy"), "{master}");
+        assert_eq!(status(master), ExitStatus::TempFail);
+    }
+
+    #[test]
+    fn busy_in_place_of_a_challenge_is_a_temporary_failure() {
+        let (mut master, mut pool) = pair();
+        pool.refuse("busy: too many connections");
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert_eq!(status(err), ExitStatus::TempFail);
+    }
+
+    #[test]
+    fn a_pool_without_the_key_gets_nothing() {
+        let (mut master, mut pool) = pair();
+        let faker = std::thread::spawn(move || {
+            pool.send(&Message::Challenge {
+                version: VERSION,
+                nonce: nonce(),
+            })
+            .unwrap();
+            assert!(matches!(pool.recv(), Ok(Message::Auth { .. })));
+            // It cannot make the proof: it sends anything.
+            pool.send(&Message::Ok { proof: nonce() }).unwrap();
+        });
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        faker.join().unwrap();
+        assert!(err.to_string().contains("does not know the key"), "{err}");
+        assert_eq!(status(err), ExitStatus::NoPerm);
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_and_a_stop_signal_ends_the_wait() {
+        let (mut master, _silent) = pair();
+        master.step = Duration::from_millis(200);
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert_eq!(status(err), ExitStatus::TempFail);
+
+        // SIGUSR2 is no signal of this test binary's.
+        master.step = Duration::from_secs(60);
+        master.stop_on(Signals::of_for_tests(Signal::SIGUSR2));
+        nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
+        let started = Instant::now();
+        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, Failure::Stopped(Signal::SIGUSR2)), "{err:?}");
+        let err = Error::from(err);
+        assert_eq!(err.status, ExitStatus::Signal(libc::SIGUSR2));
+        assert!(err.message.is_empty());
     }
 
     #[test]

@@ -162,17 +162,21 @@ pub fn load(path: &Path) -> Vec<Entry> {
         .unwrap_or_default()
 }
 
+/// How long what is left after SIGKILL may take to die: it cannot refuse,
+/// but a process in uninterruptible sleep dies only when it wakes.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
 /// Stops every process in `entries` that still runs: SIGTERM, then
-/// SIGKILL for whatever is left after `grace`.
+/// SIGKILL for whatever is left after `grace`. Returns only when all are
+/// gone: a binding once it has exited, a daemon once every member of its
+/// process group has (a child deaf to SIGTERM outlives its daemon, and
+/// is killed as a member of its group).
 pub fn stop_all(entries: &[Entry], grace: Duration) {
     for entry in entries {
         entry.signal(Signal::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
-    // A daemon counts as stopped once its whole group has: a child deaf to
-    // SIGTERM must still get the SIGKILL below, its daemon gone or not.
-    while entries.iter().any(Entry::alive) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    if wait_gone(entries, grace) {
+        return;
     }
     for entry in entries {
         if entry.alive() && entry.signal(Signal::SIGKILL) {
@@ -182,6 +186,23 @@ pub fn stop_all(entries: &[Entry], grace: Duration) {
                 entry.process.pid
             );
         }
+    }
+    if !wait_gone(entries, KILL_WAIT) {
+        log::warn!("processes still alive after SIGKILL");
+    }
+}
+
+/// Waits up to `limit` for every entry to be gone.
+fn wait_gone(entries: &[Entry], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !entries.iter().any(Entry::alive) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

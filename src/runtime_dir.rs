@@ -4,11 +4,27 @@
 //! ours alone: a directory another user owns or can write into would let
 //! them read, inject or redirect data. It is created mode 0700 when
 //! missing and refused (exit 77) when unsafe, whatever the umask.
+//!
+//! Checking by path and then acting by path is a race in any directory
+//! another user can write: between the two, a symbolic link can take the
+//! directory's place, and a chmod by path then changes whatever it points
+//! to. So only the last component is created (mkdirat in its parent), the
+//! directory is opened `O_NOFOLLOW|O_DIRECTORY`, and owner and mode are
+//! checked and fixed through that handle. Every parent is checked too, as
+//! OpenSSH's StrictModes does: one that others may write into without the
+//! sticky bit would let them rename our directory away and put their own
+//! in its place, so it is refused. Under parents that pass, nobody but us
+//! (and root) can replace the directory's entry, which is what makes the
+//! paths below it safe to use afterwards.
 
-use std::fs;
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{OFlag, open, openat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
 
 use crate::args::Id;
 use crate::error::{Error, ExitStatus, Result};
@@ -19,6 +35,8 @@ pub const ENV_DIR: &str = "FIFOBIND_DIR";
 #[derive(Clone, Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
+    /// The directory as checked, held so it stays the one we checked.
+    _handle: Arc<OwnedFd>,
 }
 
 /// `$FIFOBIND_DIR`, else `$XDG_RUNTIME_DIR/fifobind`, else
@@ -34,6 +52,10 @@ pub fn locate() -> PathBuf {
     PathBuf::from(format!("/tmp/fifobind-{}", nix::unistd::geteuid()))
 }
 
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_CLOEXEC);
+
 impl RuntimeDir {
     /// The runtime directory the environment names, created if missing
     /// and checked.
@@ -45,33 +67,68 @@ impl RuntimeDir {
         // A relative path would change meaning once a daemon chdirs to /.
         let path = std::path::absolute(path)
             .map_err(|e| Error::io(format!("runtime directory {}", path.display()), &e))?;
-        match fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&path)
-                    .map_err(|e| {
-                        Error::io(
-                            format!("cannot create runtime directory {}", path.display()),
-                            &e,
-                        )
-                    })?;
-                // The umask may have taken bits away, never added; make
-                // the mode exact anyway.
-                fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::io(format!("runtime directory {}", path.display()), &e))?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(unsafe_dir(&path, "it is the root directory"));
+        };
+        check_parents(&path, parent)?;
+        let parent_fd = open(parent, DIR_FLAGS, Mode::empty()).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot open the parent of runtime directory {}",
+                    path.display()
+                ),
+                &e.into(),
+            )
+        })?;
+        let created = match mkdirat(&parent_fd, name, Mode::S_IRWXU) {
+            Ok(()) => true,
+            Err(Errno::EEXIST) => false,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot create runtime directory {}", path.display()),
+                    &e.into(),
+                ));
+            }
+        };
+        let handle = match openat(
+            &parent_fd,
+            name,
+            DIR_FLAGS | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                // With O_DIRECTORY, a link in its place says ENOTDIR too.
+                let link = fstatat(&parent_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits());
+                let why = if link {
+                    "it is a symbolic link"
+                } else {
+                    "it is not a directory"
+                };
+                return Err(unsafe_dir(&path, why));
             }
             Err(e) => {
                 return Err(Error::io(
-                    format!("runtime directory {}", path.display()),
-                    &e,
+                    format!("cannot open runtime directory {}", path.display()),
+                    &e.into(),
                 ));
             }
-            Ok(_) => {}
+        };
+        let stat = fstat(&handle)
+            .map_err(|e| Error::io(format!("runtime directory {}", path.display()), &e.into()))?;
+        check_owner_and_mode(&path, &stat, created)?;
+        if created && stat.st_mode & 0o7777 != 0o700 {
+            // The umask may have taken bits away, never added; make the
+            // mode exact anyway, through the handle.
+            fchmod(&handle, Mode::S_IRWXU).map_err(|e| {
+                Error::io(format!("runtime directory {}", path.display()), &e.into())
+            })?;
         }
-        check_safe(&path)?;
-        Ok(RuntimeDir { path })
+        Ok(RuntimeDir {
+            path,
+            _handle: Arc::new(handle),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,30 +146,75 @@ impl RuntimeDir {
     }
 }
 
-fn check_safe(path: &Path) -> Result<()> {
-    let meta = fs::symlink_metadata(path)
-        .map_err(|e| Error::io(format!("runtime directory {}", path.display()), &e))?;
-    let refuse = |why: &str| {
-        Err(Error::new(
-            ExitStatus::NoPerm,
-            format!("unsafe runtime directory {}: {why}", path.display()),
-        ))
-    };
-    if meta.file_type().is_symlink() {
-        return refuse("it is a symbolic link");
-    }
-    if !meta.is_dir() {
-        return refuse("it is not a directory");
+fn unsafe_dir(path: &Path, why: &str) -> Error {
+    Error::new(
+        ExitStatus::NoPerm,
+        format!("unsafe runtime directory {}: {why}", path.display()),
+    )
+}
+
+/// Ours, and nobody else may write into it.
+fn check_owner_and_mode(path: &Path, stat: &FileStat, created: bool) -> Result<()> {
+    if SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFDIR {
+        return Err(unsafe_dir(path, "it is not a directory"));
     }
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return refuse(&format!("owned by uid {}, not by uid {me}", meta.uid()));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return refuse(&format!(
-            "mode {:04o} lets other users write into it",
-            meta.mode() & 0o7777
+    if stat.st_uid != me {
+        return Err(unsafe_dir(
+            path,
+            &format!("owned by uid {}, not by uid {me}", stat.st_uid),
         ));
+    }
+    if !created && stat.st_mode & 0o022 != 0 {
+        return Err(unsafe_dir(
+            path,
+            &format!(
+                "mode {:04o} lets other users write into it",
+                stat.st_mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every parent, from `/` down: none may be writable by others unless it
+/// is sticky (like /tmp), and each must exist (only the last component is
+/// created). Parents are owned by anyone: the check is what others can
+/// do to the entries in them.
+fn check_parents(path: &Path, parent: &Path) -> Result<()> {
+    for dir in parent.ancestors() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new("/")
+        } else {
+            dir
+        };
+        let stat = nix::sys::stat::stat(dir).map_err(|e| {
+            let what = if e == Errno::ENOENT {
+                format!(
+                    "cannot create runtime directory {}: its parent {} does not exist",
+                    path.display(),
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "runtime directory {}: parent {}",
+                    path.display(),
+                    dir.display()
+                )
+            };
+            Error::io(what, &e.into())
+        })?;
+        let sticky = stat.st_mode & 0o1000 != 0;
+        if stat.st_mode & 0o002 != 0 && !sticky {
+            return Err(unsafe_dir(
+                path,
+                &format!(
+                    "its parent {} (mode {:04o}) lets any user replace it",
+                    dir.display(),
+                    stat.st_mode & 0o7777
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -120,14 +222,50 @@ fn check_safe(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
-    fn creates_missing_directory_0700() {
+    fn creates_missing_directory_0700_last_component_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("a/b");
+        let dir = tmp.path().join("a");
         RuntimeDir::at(&dir).unwrap();
         let mode = fs::metadata(&dir).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        let err = RuntimeDir::at(&tmp.path().join("x/y")).unwrap_err();
+        assert!(err.message.contains("does not exist"), "{}", err.message);
+        assert!(!tmp.path().join("x").exists());
+    }
+
+    #[test]
+    fn refuses_a_parent_others_may_write_unless_sticky() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = RuntimeDir::at(&open.join("run")).unwrap_err();
+        assert_eq!(err.status, ExitStatus::NoPerm);
+        assert!(
+            err.message.contains("lets any user replace it"),
+            "{}",
+            err.message
+        );
+        assert!(!open.join("run").exists(), "refused before creating");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(RuntimeDir::at(&open.join("run")).is_ok());
+    }
+
+    #[test]
+    fn a_link_in_its_place_is_neither_followed_nor_chmodded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        fs::create_dir(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        let link = tmp.path().join("run");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = RuntimeDir::at(&link).unwrap_err();
+        assert!(err.message.contains("symbolic link"), "{}", err.message);
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o7777, 0o755);
     }
 
     #[test]

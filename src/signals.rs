@@ -3,8 +3,8 @@
 //! Shutdown work (flushing, unlinking, stopping children) must not run in
 //! a signal handler, so the signals are blocked and read from a descriptor
 //! that sits in each command's poll loop beside its sockets. The same
-//! descriptor reports SIGCHLD for the commands that supervise children,
-//! and it says *which* signal arrived, which the pool and master need for
+//! mechanism reports SIGCHLD (on a descriptor of its own) for the
+//! commands that supervise children, and it says *which* signal arrived, which the pool and master need for
 //! their `128 + N` exit status. (The `ctrlc` crate runs a handler on a
 //! thread of its own and cannot tell the signals apart.)
 //!
@@ -12,12 +12,11 @@
 //! inherits the mask. Children inherit it too, through fork and exec:
 //! every child we start resets it with [`unblock_in_child`].
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The signals that close a command properly.
 pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
@@ -40,35 +39,101 @@ pub fn unblock_in_child() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Signals read from a signalfd (non-blocking, close-on-exec).
 pub struct Signals {
-    fd: SignalFd,
+    fd: OwnedFd,
 }
 
 impl Signals {
-    /// Blocks the stop signals and `extra` (SIGCHLD for a supervisor,
-    /// [`DRAIN`] for a binding) and returns the descriptor they are read
-    /// from.
+    /// Blocks the stop signals and `extra` ([`DRAIN`] for a binding) and
+    /// returns the descriptor they are read from.
     pub fn block(extra: &[Signal]) -> Result<Signals> {
+        Signals::of(STOP.iter().chain(extra))
+    }
+
+    /// Blocks SIGCHLD alone, for a supervisor. Kept apart from the stop
+    /// signals so that the stop descriptor is readable only when a stop
+    /// signal is pending: a blocking step can wait on it and act on it
+    /// without reaping children.
+    pub fn children() -> Result<Signals> {
+        Signals::of(&[Signal::SIGCHLD])
+    }
+
+    fn of<'a>(signals: impl IntoIterator<Item = &'a Signal>) -> Result<Signals> {
         let mut set = SigSet::empty();
-        for &sig in STOP.iter().chain(extra) {
+        for &sig in signals {
             set.add(sig);
         }
-        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
-        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        Ok(Signals { fd })
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+            .map_err(|e| Error::nix("cannot block signals", e))?;
+        // SAFETY: a valid signal set; the new descriptor is ours alone.
+        let fd =
+            unsafe { libc::signalfd(-1, set.as_ref(), libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io("cannot create a signal descriptor", &e));
+        }
+        // SAFETY: signalfd returned a fresh descriptor.
+        Ok(Signals {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn of_for_tests(sig: Signal) -> Signals {
+        Signals::of(&[sig]).expect("a signalfd")
+    }
+
+    /// A second handle on the same pending signals, for a step (a
+    /// protocol read) that must end when one comes.
+    pub fn try_clone(&self) -> std::io::Result<Signals> {
+        Ok(Signals {
+            fd: self.fd.try_clone()?,
+        })
     }
 
     /// The next pending signal, if any.
     pub fn next(&self) -> Option<Signal> {
-        match self.fd.read_signal() {
-            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
-            _ => None,
+        // SAFETY: a zeroed siginfo is valid; read writes at most its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n as usize != size {
+            return None;
         }
+        Signal::try_from(info.ssi_signo as i32).ok()
+    }
+
+    /// Reads every pending signal; for wake-ups whose kind is all they say.
+    pub fn drain(&self) {
+        while self.next().is_some() {}
     }
 }
 
 impl AsFd for Signals {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_reads_the_same_signals() {
+        // SIGUSR2 is used by no command: blocking it here harms no test.
+        let signals = Signals::of_for_tests(Signal::SIGUSR2);
+        let clone = signals.try_clone().unwrap();
+        assert_eq!(clone.next(), None);
+        nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
+        assert_eq!(clone.next(), Some(Signal::SIGUSR2));
+        assert_eq!(signals.next(), None);
     }
 }

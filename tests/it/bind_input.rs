@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::util::*;
 
-/// The seed's example, verbatim but for the port.
+/// The documented loop (README, bind-input(1)), verbatim but for the port.
 #[test]
 fn seed_example_loop() {
     let env = Env::new();
@@ -19,19 +19,7 @@ fn seed_example_loop() {
         }
         send(port, b"END\n");
     });
-    let script = format!(
-        r#"
-        pid=$(bind-input in1 {port})
-        fifo=${{FIFOBIND_DIR:-$XDG_RUNTIME_DIR/fifobind}}/in1
-        while true; do
-            read -t 1 line < "$fifo"
-            [ -z "$line" ] && continue      # nothing received this second
-            [ "$line" = END ] && break
-            echo "got: $line"
-        done
-        kill "$pid"
-        "#
-    );
+    let script = SEED_LOOP.replace("9999", &port.to_string());
     let out = env.bash(&script);
     sender.join().unwrap();
     assert!(out.status.success(), "{}", describe(&out));
@@ -163,7 +151,7 @@ fn unsafe_runtime_directory_is_refused() {
         std::os::unix::fs::chown(&env.dir, Some(65534), Some(65534)).unwrap();
         check(&env, "owned by uid 65534");
     } else {
-        println!("skipped the other-owner case: not root, cannot chown");
+        skip_or_fail("the other-owner case needs root, to chown");
     }
 }
 
@@ -302,12 +290,16 @@ fn reopening_bash_reader_loses_nothing() {
     let script = format!(
         r#"
         pid=$(bind-input burst {port}) || exit
-        fifo=$FIFOBIND_DIR/burst
+        fifo=$(fifobind path burst)
+        line=
         while true; do
-            read -t 1 line < "$fifo"
+            IFS= read -r -t 1 part < "$fifo"; status=$?
+            line+=$part
+            (( status > 128 )) && continue
+            (( status != 0 )) && break
             [ -z "$line" ] && continue
             [ "$line" = END ] && break
-            echo "$line"
+            echo "$line"; line=
         done
         kill "$pid"
         "#
@@ -512,5 +504,142 @@ fn long_last_line_is_completed_at_end_of_connection() {
     assert_eq!(read_lines(&env.fifo("long"), 1), ["next"]);
     kill(pid, libc::SIGTERM);
     assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
+/// Line `i` of the back-pressure test: `L<len>:<i>:xxx…`, `len` bytes
+/// before its newline; lengths around PIPE_BUF and page multiples, and
+/// some well past PIPE_BUF (still within the documented atomic size).
+fn pressure_line(i: usize) -> String {
+    let lens = [
+        17, 300, 1500, 4000, 4095, 4096, 4097, 5000, 8191, 9000, 20000, 100,
+    ];
+    let len = lens[(i * 7 + i / 13) % lens.len()];
+    let head = format!("L{len}:{i}:");
+    format!("{head}{}\n", "x".repeat(len - head.len()))
+}
+
+/// A slow reader against a fast sender keeps the FIFO full: whatever the
+/// fill, the FIFO holds whole lines only. Twenty times the binding is
+/// frozen (SIGSTOP) the moment flow control has stalled the sender, the
+/// FIFO is read down to its last lines, and a bash `read -t` loop that
+/// reopens the FIFO for every read (as the seed's loop does) reads the
+/// rest: it must never time out inside a line.
+#[test]
+fn full_fifo_holds_whole_lines_only() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let env = Env::new();
+    let port = free_port();
+    let pid = env.start(BIND_INPUT, &["full", &port.to_string()]);
+    let fifo = env.fifo("full");
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let sender = std::thread::spawn(move || {
+        let mut s = connect(port);
+        for i in 0.. {
+            let line = pressure_line(i);
+            if s.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            counter.fetch_add(line.len() as u64, Ordering::SeqCst);
+        }
+    });
+    let script = r#"
+        fifo=$1; n=0; bad=0; torn=0
+        while true; do
+            IFS= read -r -t 0.3 part < "$fifo"; status=$?
+            if (( status > 128 )); then
+                [ -n "$part" ] && torn=$((torn + 1))
+                break
+            fi
+            (( status != 0 )) && break
+            if [[ $part =~ ^L([0-9]+): ]] && (( ${#part} == BASH_REMATCH[1] )); then
+                n=$((n + 1))
+            else
+                bad=$((bad + 1))
+            fi
+        done
+        echo "$n $bad $torn"
+    "#;
+    let (mut torn, mut bad, mut lines) = (0, 0, 0);
+    for trial in 0..20 {
+        assert!(
+            wait_stalled(&sent, Duration::from_millis(300), PATIENCE).is_some(),
+            "trial {trial}: the sender never stalled\n{}",
+            env.logs()
+        );
+        kill(pid, libc::SIGSTOP);
+        // Read quickly down to the last few KiB, then to a line's end, as
+        // bash would: the rest is for the bash reader.
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut unread) };
+        let mut skip = (unread as usize).saturating_sub(12_000);
+        let mut buf = vec![0u8; 1 << 16];
+        while skip > 0 {
+            let n = f.read(&mut buf[..skip.min(1 << 16)]).unwrap();
+            assert!(n > 0);
+            skip -= n;
+        }
+        let mut byte = [0u8];
+        while f.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {}
+        drop(f);
+        let out = run_with_timeout(env.cmd("bash").args(["-c", script, "reader"]).arg(&fifo));
+        kill(pid, libc::SIGCONT);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let v: Vec<usize> = text
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect();
+        assert_eq!(v.len(), 3, "{}", describe(&out));
+        lines += v[0];
+        bad += v[1];
+        torn += v[2];
+    }
+    println!(
+        "back-pressure: {torn} torn lines in 20 trials ({lines} lines read by bash, {bad} bad)"
+    );
+    assert_eq!(
+        (torn, bad),
+        (0, 0),
+        "{lines} lines read whole\n{}",
+        env.logs()
+    );
+    assert!(lines > 20, "the bash reader read {lines} lines");
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    sender.join().unwrap();
+    env.assert_clean();
+}
+
+/// A --once binding whose connection has ended but whose FIFO was removed
+/// with a line still unread cannot be read empty any more: it exits.
+#[test]
+fn once_binding_exits_when_its_fifo_is_removed_unread() {
+    let env = Env::new();
+    let port = free_port();
+    let pid = env.start(BIND_INPUT, &["--once", "gone", &port.to_string()]);
+    send(port, b"never read\n");
+    assert!(
+        wait_for(PATIENCE, || env.logs().contains("ended")),
+        "{}",
+        env.logs()
+    );
+    fs::remove_file(env.fifo("gone")).unwrap();
+    assert!(
+        wait_gone(pid, PATIENCE),
+        "still running with its FIFO gone\n{}",
+        env.logs()
+    );
+    assert!(env.logs().contains("removed"), "{}", env.logs());
     env.assert_clean();
 }

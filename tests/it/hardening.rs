@@ -163,13 +163,14 @@ fn master_sigterm_kills_children_deaf_to_sigterm() {
         "{}",
         pool.describe()
     );
-    let daemon = env
-        .registry("master", master.pid())
-        .into_iter()
+    let registered = env.registry("master", master.pid());
+    let daemon = registered
+        .iter()
         .find(|e| e.kind == "daemon")
         .expect("the daemon is registered");
     assert!(wait_for(PATIENCE, || group_members(daemon.pid).len() >= 2));
     let group = group_members(daemon.pid);
+    let guardian = guardian_of(master.pid(), &registered);
     kill(master.pid(), libc::SIGTERM);
     let status = master.wait(Duration::from_secs(5)).expect("master stops");
     assert_eq!(
@@ -178,11 +179,16 @@ fn master_sigterm_kills_children_deaf_to_sigterm() {
         "{}",
         master.describe()
     );
-    let left: Vec<i32> = group.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(
-        left.is_empty(),
-        "the daemon's group outlived its master: {left:?}"
-    );
+    // Gone when master has exited, not a moment later: its daemon's whole
+    // group, its binding and its guardian.
+    let left: Vec<i32> = group
+        .iter()
+        .copied()
+        .chain(registered.iter().map(|e| e.pid))
+        .chain([guardian])
+        .filter(|&p| alive(p))
+        .collect();
+    assert!(left.is_empty(), "outlived their master: {left:?}");
     pool.assert_ends_ok();
     env.assert_clean();
 }
@@ -622,6 +628,21 @@ fn capture_auth(env: &Env, ddir: &Path, key: &str) -> String {
     auth
 }
 
+/// A connection to a pool that has authenticated as a master with `key`
+/// by hand (pool(1), PROTOCOL).
+fn authenticated(port: u16, key: &str) -> TcpStream {
+    let key = fifobind::args::Key::new(key.as_bytes().to_vec()).unwrap();
+    let (mut conn, challenge) = knock(port);
+    let nonce = challenge.rsplit(' ').next().unwrap();
+    let cnonce = fifobind::protocol::nonce();
+    let mac = fifobind::protocol::mac(&key, "master", nonce, &cnonce);
+    conn.write_all(format!("FIFOBIND 1 AUTH {cnonce} {mac}\n").as_bytes())
+        .unwrap();
+    let proof = fifobind::protocol::mac(&key, "pool", nonce, &cnonce);
+    assert_eq!(line_from(&mut conn), Some(format!("OK {proof}")));
+    conn
+}
+
 fn sorted(mut v: Vec<i32>) -> Vec<i32> {
     v.sort();
     v
@@ -862,17 +883,9 @@ fn pool_binding_admits_only_the_master_once() {
     let env = Env::new();
     let port = free_port();
     let mut pool = env.pool(&["k9", &port.to_string()]);
-    // Play the master by hand (pool(1), PROTOCOL), so that the test, not a
-    // bind-output, makes the binding's connections.
-    let key = fifobind::args::Key::new(b"k9".to_vec()).unwrap();
-    let (mut conn, challenge) = knock(port);
-    let nonce = challenge.rsplit(' ').next().unwrap();
-    let cnonce = fifobind::protocol::nonce();
-    let mac = fifobind::protocol::mac(&key, "master", nonce, &cnonce);
-    conn.write_all(format!("FIFOBIND 1 AUTH {cnonce} {mac}\n").as_bytes())
-        .unwrap();
-    let proof = fifobind::protocol::mac(&key, "pool", nonce, &cnonce);
-    assert_eq!(line_from(&mut conn), Some(format!("OK {proof}")));
+    // Play the master by hand, so that the test, not a bind-output, makes
+    // the binding's connections.
+    let mut conn = authenticated(port, "k9");
     conn.write_all(b"DAEMON d1\n").unwrap();
     let answer = line_from(&mut conn).expect("PORT");
     let dport: u16 = answer.strip_prefix("PORT ").unwrap().parse().unwrap();
@@ -958,25 +971,180 @@ fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
     env.assert_clean();
 }
 
+/// Sends SIGTERM to `run` and asserts that it stops at once with status
+/// 128 + 15 (the bound is generous: a loaded machine is slow, not wrong);
+/// prints how long it took for `what`.
+fn assert_stops_at_once(run: &mut Spawned, what: &str) {
+    let since = Instant::now();
+    kill(run.pid(), libc::SIGTERM);
+    run.assert_stopped_by(libc::SIGTERM);
+    let took = since.elapsed();
+    println!("{what}: SIGTERM to exit: {took:?}");
+    assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
+}
+
 /// Regression: a signal while master waited on the pool (connect,
-/// handshake) was lost: master exited 75 when the step timed out. It now
-/// exits 128 + the signal.
+/// handshake) was lost: master exited 75 when the step timed out; then it
+/// was kept waiting until the step's timeout (9.75 s of the default 10 s
+/// against a silent pool). Every wait for the pool now ends on a stop
+/// signal: master exits 128 + the signal at once.
 #[test]
-fn signal_during_the_handshake_is_the_exit_status() {
+fn signal_during_the_handshake_stops_master_at_once() {
     let env = Env::new();
     let (silent_pool, port) = listener();
     let ddir = env.daemons(&[("d", "echo hi")]);
+    let mut master = env.spawn_master("k", port, &ddir);
+    let mut held = accept(&silent_pool);
+    // The master is waiting for its challenge once it has connected.
+    held.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        held.read(&mut byte).is_err(),
+        "the master sent something first"
+    );
+    assert_stops_at_once(&mut master, "master during the handshake");
+    env.assert_clean();
+}
+
+/// SIGTERM to a master still connecting to its pool (one whose listen
+/// backlog is full, so that its SYNs are dropped and the connect hangs):
+/// it does not wait for --connect-timeout, it stops at once.
+#[test]
+fn signal_while_connecting_stops_master_at_once() {
+    let env = Env::new();
+    let full = loop {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Another process may take the port between the check and here.
+        if s.bind(&SocketAddr::from(([127, 0, 0, 1], free_port())).into())
+            .is_ok()
+        {
+            break s;
+        }
+    };
+    full.listen(0).unwrap();
+    let to = full.local_addr().unwrap().as_socket().unwrap();
+    // Never accepted: they fill the backlog.
+    let fillers: Vec<TcpStream> = (0..3)
+        .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_millis(300)).ok())
+        .collect();
+    assert!(!fillers.is_empty());
+    let ddir = env.daemons(&[("d", "echo hi")]);
     let mut master = env.spawn(Command::new(MASTER).args([
-        "--timeout",
-        "1",
+        "--connect-timeout",
+        "60",
         "k",
         "127.0.0.1",
-        &port.to_string(),
+        &to.port().to_string(),
         ddir.to_str().unwrap(),
     ]));
-    let _held = accept(&silent_pool);
-    kill(master.pid(), libc::SIGTERM);
-    master.assert_stopped_by(libc::SIGTERM);
+    // Its registry exists: the next step is the connect.
+    assert!(
+        wait_for(PATIENCE, || !env
+            .owner_files("master", master.pid())
+            .is_empty()),
+        "{}",
+        master.describe()
+    );
+    assert_stops_at_once(&mut master, "master while connecting");
+    env.assert_clean();
+}
+
+/// `program ARGS` under `ulimit -n n`.
+fn with_fd_limit(n: u32, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {n}; exec \"$0\" \"$@\""))
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// Asserts that a run that failed said why in one line, with context.
+fn assert_failed_cleanly(run: &Spawned, program: &str, n: u32) {
+    let err = run.stderr();
+    let errors: Vec<&str> = err.lines().filter(|l| !l.contains(" INFO: ")).collect();
+    assert!(
+        errors.len() == 1 && errors[0].starts_with(&format!("{program}: cannot ")),
+        "ulimit -n {n}: {}",
+        run.describe()
+    );
+}
+
+/// Regression: early returns of pool and master after their claim and
+/// registry existed left them behind, and out of descriptors at the
+/// wrong moment master panicked. With the descriptors running out at
+/// each step of the set-up in turn, each fails with one line saying what
+/// failed, and leaves nothing.
+#[test]
+fn running_out_of_descriptors_anywhere_leaves_nothing() {
+    for n in 4..=13 {
+        let env = Env::new();
+        let port = free_port().to_string();
+        let mut pool = env.spawn(&mut with_fd_limit(n, POOL, &["k", &port]));
+        assert!(wait_for(PATIENCE, || !alive(pool.pid())
+            || pool.stderr().contains("waiting for a master")));
+        if alive(pool.pid()) {
+            kill(pool.pid(), libc::SIGTERM);
+            pool.assert_stopped_by(libc::SIGTERM);
+        } else {
+            pool.wait(PATIENCE).expect("it ended");
+            assert_failed_cleanly(&pool, "pool", n);
+        }
+        env.assert_clean();
+    }
+    for n in 4..=20 {
+        let (pool_env, env) = (Env::new(), Env::new());
+        let port = free_port().to_string();
+        let mut pool = pool_env.pool(&["k", &port]);
+        let ddir = env.daemons(&[("d", "echo hi")]);
+        let args = ["k", "127.0.0.1", &port, ddir.to_str().unwrap()];
+        let mut master = env.spawn(&mut with_fd_limit(n, MASTER, &args));
+        let status = master.wait(PATIENCE).expect("master ends");
+        if !status.success() {
+            assert_failed_cleanly(&master, "master", n);
+        }
+        env.assert_clean();
+        kill(pool.pid(), libc::SIGTERM);
+        assert!(pool.wait(PATIENCE).is_some());
+    }
+}
+
+/// SIGTERM to a pool while the master it serves is in the middle of a
+/// line: the pool does not wait for the rest (the step timeout), it
+/// stops at once.
+#[test]
+fn signal_during_a_session_stops_the_pool_at_once() {
+    let env = Env::new();
+    let port = free_port();
+    let mut pool = env.pool(&["--timeout", "60", "k9", &port.to_string()]);
+    let mut conn = authenticated(port, "k9");
+    conn.write_all(b"DAEM").unwrap();
+    // The master's session is the pool's once it logged it; the part of a
+    // line makes it wait in its read for the rest.
+    assert!(
+        pool.wait_stderr(PATIENCE, |s| s.contains("authenticated")),
+        "{}",
+        pool.describe()
+    );
+    assert_stops_at_once(&mut pool, "pool in the middle of a master's line");
+    drop(conn);
+    env.assert_clean();
+}
+
+/// A pool that turns the master away busy before its challenge (its door
+/// full) is a temporary failure: 75, as master(1) says, not 69.
+#[test]
+fn busy_pool_before_the_challenge_is_status_75() {
+    let env = Env::new();
+    let (busy_pool, port) = listener();
+    let ddir = env.daemons(&[("d", "echo hi")]);
+    let mut master = env.spawn_master("k", port, &ddir);
+    let mut s = accept(&busy_pool);
+    s.write_all(b"ERR busy: too many connections\n").unwrap();
+    let status = master.wait(PATIENCE).expect("master gives up");
+    assert_eq!(status.code(), Some(75), "{}", master.describe());
+    assert!(master.stderr().contains("busy"), "{}", master.describe());
     env.assert_clean();
 }
 

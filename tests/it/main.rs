@@ -5,5 +5,8 @@ mod util;
 mod bind_input;
 mod bind_output;
 mod hardening;
+mod keys;
+mod limits;
 mod man;
 mod pool_master;
+mod seed;

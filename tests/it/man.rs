@@ -9,6 +9,8 @@ use std::process::Command;
 
 use clap::CommandFactory;
 
+use crate::util::{SEED_LOOP, skip_or_fail};
+
 /// How to get a command's clap definition.
 type Definition = fn() -> clap::Command;
 
@@ -18,6 +20,7 @@ const COMMANDS: &[(&str, Definition)] = &[
     ("bind-output", fifobind::cli::BindOutput::command),
     ("pool", fifobind::cli::Pool::command),
     ("master", fifobind::cli::Master::command),
+    ("fifobind", fifobind::ctl::Fifobind::command),
 ];
 
 /// The sections every page has, in this order; others (NOTES, BUGS) may
@@ -157,6 +160,47 @@ fn mentions(text: &str, option: &str) -> bool {
     })
 }
 
+/// The long options of `cmd` and of its subcommands, as `--name`.
+fn long_options(cmd: &clap::Command, into: &mut Vec<String>) {
+    for long in cmd.get_arguments().filter_map(|arg| arg.get_long()) {
+        let long = format!("--{long}");
+        if !into.contains(&long) {
+            into.push(long);
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        long_options(sub, into);
+    }
+}
+
+/// A command with subcommands (fifobind) has each of them as the tag of an
+/// item of its COMMANDS section, as `.BI path " ID"` prints it.
+#[test]
+fn every_subcommand_has_an_item_in_the_commands_section_of_its_page() {
+    let mut missing = Vec::new();
+    for (name, command) in COMMANDS {
+        let mut cmd = command();
+        cmd.build();
+        let tags = item_tags(section(&page(name), "COMMANDS"));
+        for sub in cmd.get_subcommands() {
+            let sub = sub.get_name();
+            if !tags.iter().any(|tag| {
+                plain(tag)
+                    .split_whitespace()
+                    .map(|w| w.trim_matches('"'))
+                    .any(|w| w == sub)
+            }) {
+                missing.push(format!("{name} {sub}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "subcommands without an item (.TP tag) in the COMMANDS section of their man page:\n  {}",
+        missing.join("\n  ")
+    );
+}
+
 /// Not merely named somewhere: each option is the tag of an item of
 /// OPTIONS (`.TP` then `.BR \-b ", " \-\-bind " \fIADDR\fR"`).
 #[test]
@@ -167,11 +211,8 @@ fn every_long_option_has_an_item_in_the_options_section_of_its_page() {
         // Building adds what clap generates: --help and --version.
         cmd.build();
         let tags = item_tags(section(&page(name), "OPTIONS"));
-        let longs: Vec<String> = cmd
-            .get_arguments()
-            .filter_map(|arg| arg.get_long())
-            .map(|long| format!("--{long}"))
-            .collect();
+        let mut longs: Vec<String> = Vec::new();
+        long_options(&cmd, &mut longs);
         assert!(
             longs.iter().any(|l| l == "--help") && longs.iter().any(|l| l == "--version"),
             "{name}: clap's own --help and --version not seen: {longs:?}"
@@ -203,24 +244,44 @@ fn every_page_has_the_fixed_sections_in_order() {
     }
 }
 
+/// The pages show the reading loop that keeps a timed-out part (see
+/// tests/it/seed.rs, which runs it), not the naive one that splits lines.
 #[test]
-fn bind_input_page_shows_the_seed_loop_as_written() {
-    let seed = "\
-pid=$(bind-input in1 9999)
-fifo=${FIFOBIND_DIR:-$XDG_RUNTIME_DIR/fifobind}/in1
-while true; do
-    read -t 1 line < \"$fifo\"
-    [ -z \"$line\" ] && continue      # nothing received this second
-    [ \"$line\" = END ] && break
-    echo \"got: $line\"
-done
-kill \"$pid\"
-";
-    let examples = plain(section(&page("bind-input"), "EXAMPLES"));
-    assert!(
-        examples.contains(seed),
-        "the EXAMPLES of man/bind-input.1 lack the seed's loop, as written:\n{seed}"
-    );
+fn pages_show_the_documented_reading_loop() {
+    for (page_name, path) in [
+        ("bind-input(1) EXAMPLES", man_dir().join("bind-input.1")),
+        ("fifobind(7) EXAMPLES", man_dir().join("fifobind.7")),
+    ] {
+        let roff = fs::read_to_string(&path).unwrap();
+        let examples = plain(section(&roff, "EXAMPLES"));
+        assert!(
+            examples.contains(SEED_LOOP),
+            "{page_name} lacks the documented loop, as written:\n{SEED_LOOP}"
+        );
+    }
+    // The pages (and parts) this holds for; the others' examples follow.
+    let read = |name: &str| fs::read_to_string(man_dir().join(name)).unwrap();
+    let bind_input = read("bind-input.1");
+    let texts = [
+        ("fifobind.7", plain(&read("fifobind.7"))),
+        ("fifobind.1", plain(&read("fifobind.1"))),
+        (
+            "bind-input.1 EXAMPLES",
+            plain(section(&bind_input, "EXAMPLES")),
+        ),
+        ("bind-input.1 NOTES", plain(section(&bind_input, "NOTES"))),
+    ];
+    for (name, text) in texts {
+        assert!(
+            !text.contains("read -t 1 line <"),
+            "{name} still shows the naive `read -t 1 line`, which splits lines"
+        );
+        assert!(
+            !text.contains("${FIFOBIND_DIR:-$XDG_RUNTIME_DIR/fifobind}"),
+            "{name} still spells the FIFO path as ${{FIFOBIND_DIR:-$XDG_RUNTIME_DIR/fifobind}}, \
+             wrong when neither is set: use $(fifobind path ID)"
+        );
+    }
 }
 
 /// Every page in man/ (a section digit after the last dot).
@@ -250,10 +311,7 @@ fn mandoc_finds_nothing_to_say_about_any_page() {
     {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "SKIPPED mandoc_finds_nothing_to_say_about_any_page: mandoc is not installed \
-                 (apt-get install mandoc)"
-            );
+            skip_or_fail("mandoc is not installed (apt-get install mandoc)");
             return;
         }
         Err(e) => panic!("cannot run mandoc: {e}"),

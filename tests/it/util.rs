@@ -23,6 +23,56 @@ pub use procs::{alive, children, group_members, kill, rss_kib, wait_gone};
 
 pub const BIND_INPUT: &str = env!("CARGO_BIN_EXE_bind-input");
 pub const BIND_OUTPUT: &str = env!("CARGO_BIN_EXE_bind-output");
+pub const FIFOBIND: &str = env!("CARGO_BIN_EXE_fifobind");
+
+/// The reading loop README.md, bind-input(1) and fifobind(7) show, as
+/// they show it (port 9999): it keeps the part a timed-out `read` returns
+/// and completes it, so no line is seen split (tests/it/seed.rs runs it).
+pub const SEED_LOOP: &str = r#"pid=$(bind-input in1 9999)
+fifo=$(fifobind path in1)
+line=
+while true; do
+    IFS= read -r -t 1 part < "$fifo"; status=$?
+    line+=$part
+    (( status > 128 )) && continue  # this second: nothing, or part of a line
+    (( status != 0 )) && break      # the binding is gone
+    [ -z "$line" ] && continue      # an empty message: ignored
+    [ "$line" = END ] && break
+    echo "got: $line"; line=
+done
+kill "$pid"
+"#;
+
+/// A test that cannot run here (a tool, a privilege or IPv6 missing):
+/// outside CI it says why and the caller returns; with `CI` set (CI runs
+/// with CI=true) it fails, so a green CI means every test really ran.
+pub fn skip_or_fail(reason: &str) {
+    // libtest names each test's thread after the test.
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("a test");
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test} cannot run, and CI is set so it may not skip: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
+/// Whether `program` can be run (found in PATH); otherwise
+/// [`skip_or_fail`] with the Debian package that has it.
+pub fn have_tool(program: &str, package: &str) -> bool {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        skip_or_fail(&format!(
+            "{program} is not installed (apt-get install {package})"
+        ));
+    }
+    found
+}
 
 /// Generous limit for anything that should take milliseconds; only a
 /// failing test ever waits this long.
@@ -491,7 +541,7 @@ pub fn wait_closed(stream: &mut TcpStream, limit: Duration) -> bool {
 /// (`unshare -n`), where no packet can leave the machine. Prints why not.
 pub fn can_unshare_net() -> bool {
     if !is_root() {
-        println!("skipped: not root, cannot unshare the network namespace");
+        skip_or_fail("not root, cannot unshare the network namespace");
         return false;
     }
     let ok = Command::new("unshare")
@@ -501,7 +551,7 @@ pub fn can_unshare_net() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        println!("skipped: unshare -n is missing or not permitted");
+        skip_or_fail("unshare -n is missing (apt-get install util-linux) or not permitted");
     }
     ok
 }
@@ -510,7 +560,7 @@ pub fn can_unshare_net() -> bool {
 pub fn has_ipv6() -> bool {
     let ok = TcpListener::bind(("::1", 0)).is_ok();
     if !ok {
-        println!("skipped the IPv6 part: ::1 is not available");
+        skip_or_fail("::1 is not available (IPv6 loopback)");
     }
     ok
 }
@@ -974,4 +1024,53 @@ fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<Stri
         port.to_string(),
         ddir.to_str().unwrap().to_string(),
     ]
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let fields = stat_fields(pid)?;
+    // utime and stime: fields 14 and 15 of the stat line, in clock ticks.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// Opens `n` connections to a local port at once (non-blocking connects,
+/// so they all reach the listen backlog together), writes `text(i)` on
+/// connection `i` and closes them all. Panics if any fails.
+pub fn burst(port: u16, n: usize, text: impl Fn(usize) -> String) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let to = SockAddr::from(SocketAddr::from(([127, 0, 0, 1], port)));
+    let socks: Vec<Socket> = (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&to) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => panic!("connect: {e}"),
+            }
+            s
+        })
+        .collect();
+    for (i, s) in socks.iter().enumerate() {
+        let mut pfd = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut pfd, 1, PATIENCE.as_millis() as i32) };
+        if let Some(e) = s.take_error().unwrap() {
+            panic!("connection {i}: {e}");
+        }
+        s.set_nonblocking(false).unwrap();
+        let mut w: &Socket = s;
+        w.write_all(text(i).as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    }
+    for s in &socks {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
 }
