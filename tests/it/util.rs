@@ -1028,12 +1028,7 @@ fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<Stri
 
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: i32) -> Option<Duration> {
-    let fields = stat_fields(pid)?;
-    // utime and stime: fields 14 and 15 of the stat line, in clock ticks.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    procs::cpu_seconds(pid).map(Duration::from_secs_f64)
 }
 
 /// Opens `n` connections to a local port at once (non-blocking connects,
