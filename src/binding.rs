@@ -18,11 +18,14 @@ use crate::runtime_dir::RuntimeDir;
 use crate::signals::{self, Signals};
 use crate::sweep;
 
-/// A claimed ID with its FIFO.
+/// A claimed ID with its FIFO. Dropping it removes both, so no failure
+/// path of a binding leaves them behind; only the foreground half of a
+/// daemonizing start, which hands them to the daemon, forgets it.
 pub struct Binding {
     pub id: Id,
     pub dir: RuntimeDir,
-    claim: Claim,
+    /// `None` only while being dropped.
+    claim: Option<Claim>,
     pub fifo: Fifo,
     watchdog: Option<OwnedFd>,
 }
@@ -35,6 +38,9 @@ pub struct Common {
     /// A pipe's read end held open by a parent; end-of-file on it means the
     /// parent died, and the binding closes.
     pub watchdog_fd: Option<RawFd>,
+    /// With `foreground`: a descriptor to write a newline to once ready
+    /// (s6's notification-fd).
+    pub ready_fd: Option<RawFd>,
 }
 
 impl Binding {
@@ -45,6 +51,8 @@ impl Binding {
         // Checked first: a bad descriptor is a usage error, refused before
         // anything is created.
         let watchdog = common.watchdog_fd.map(adopt_fd).transpose()?;
+        crate::notify::init(common.ready_fd, common.foreground)?;
+        crate::activation::adopt()?;
         if !common.foreground {
             // A daemon must not keep its caller's descriptors: a pipe held
             // open here would hang `pid=$(bind-input ... 3> >(cat))`.
@@ -63,7 +71,7 @@ impl Binding {
                 return Err(Error::new(
                     ExitStatus::CantCreate,
                     format!(
-                        "cannot create FIFO {}: ID {id} is in use{by}",
+                        "cannot create the FIFO {}: ID {id} is in use{by}",
                         dir.fifo(id).display()
                     ),
                 ));
@@ -85,7 +93,7 @@ impl Binding {
         Ok(Binding {
             id: id.clone(),
             dir,
-            claim,
+            claim: Some(claim),
             fifo,
             watchdog,
         })
@@ -99,9 +107,9 @@ impl Binding {
     }
 
     /// Removes the FIFO and the claim: nothing of the binding is left.
+    /// (Dropping does the same; this says it where it is meant.)
     pub fn close(self) {
-        self.fifo.remove();
-        self.claim.release();
+        drop(self);
     }
 
     /// Goes to the background (unless `common.foreground`) and runs
@@ -120,11 +128,20 @@ impl Binding {
                 logging::to_file(program, &log_path)?;
             }
             let result = (|| {
-                self.claim
-                    .record(ProcessId::current())
-                    .map_err(|e| Error::io("cannot record the claim", &e))?;
+                let claim = self.claim.as_mut().expect("held until dropped");
+                let path = claim.path().display().to_string();
+                let what = || format!("cannot record the claim {path}");
+                // Not ProcessId::current(), which panics where the system
+                // refuses to open /proc/self/stat (out of descriptors).
+                let me = ProcessId::of(std::process::id() as i32).ok_or_else(|| {
+                    let why = io::Error::last_os_error();
+                    Error::io(format!("{} (reading /proc/self/stat)", what()), &why)
+                })?;
+                claim.record(me).map_err(|e| Error::io(what(), &e))?;
                 let stop = Stop {
-                    signals: Signals::block(&[signals::DRAIN])?,
+                    signals: Signals::block(&[signals::DRAIN]).map_err(|e| {
+                        Error::new(e.status, format!("cannot set up the signals: {e}"))
+                    })?,
                     watchdog,
                 };
                 serve(&mut self, &stop, ready)
@@ -132,6 +149,16 @@ impl Binding {
             self.close();
             result
         })
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        crate::status::finish();
+        self.fifo.remove();
+        if let Some(claim) = self.claim.take() {
+            claim.release();
+        }
     }
 }
 

@@ -95,6 +95,11 @@ pub struct CommonArgs {
     /// reaches end-of-file, i.e. when the process holding its write end dies
     #[arg(long, value_name = "FD")]
     pub watchdog_fd: Option<RawFd>,
+
+    /// With --foreground: write a newline to this inherited descriptor once
+    /// ready, then close it (s6's notification-fd)
+    #[arg(long, value_name = "FD", requires = "foreground")]
+    pub ready_fd: Option<RawFd>,
 }
 
 impl From<CommonArgs> for Common {
@@ -102,6 +107,7 @@ impl From<CommonArgs> for Common {
         Common {
             foreground: a.foreground,
             watchdog_fd: a.watchdog_fd,
+            ready_fd: a.ready_fd,
         }
     }
 }
@@ -371,10 +377,19 @@ pub struct Pool {
     /// Seconds a daemon's binding waits for the master's connection
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
     pub accept_timeout: Duration,
+
+    /// Write a newline to this inherited descriptor once listening, then
+    /// close it (s6's notification-fd)
+    #[arg(long, value_name = "FD")]
+    pub ready_fd: Option<RawFd>,
 }
 
 impl Pool {
+    /// The pool's options; also adopts what a service manager passed
+    /// (readiness descriptor, socket): call it before any thread starts.
     pub fn options(self) -> Result<PoolOptions> {
+        crate::notify::init(self.ready_fd, true)?;
+        crate::activation::adopt()?;
         Ok(PoolOptions {
             key: self.key.resolve()?,
             port: self.port,
@@ -413,7 +428,10 @@ pub struct Master {
 }
 
 impl Master {
+    /// The master's options; also takes NOTIFY_SOCKET for itself (so its
+    /// daemons and bindings never inherit it): call it before any thread.
     pub fn options(self) -> Result<MasterOptions> {
+        crate::notify::init(None, true)?;
         Ok(MasterOptions {
             key: self.key.resolve()?,
             host: self.host,

@@ -35,11 +35,23 @@ pub enum Command {
         #[arg(value_name = "ID")]
         id: Id,
     },
+    /// List every live binding, pool and master, with its figures
+    #[command(visible_alias = "ls")]
+    List(crate::ctl_list::ListArgs),
+    /// Stop bindings, pools and masters by name, and wait until they are gone
+    Stop(crate::ctl_stop::StopArgs),
+    /// Print the completion script of the five commands for a shell
+    Completions(crate::completions::CompletionsArgs),
 }
 
 pub fn run(cli: Fifobind) -> Result<()> {
     match cli.command {
         Command::Path { id } => path(&id),
+        Command::List(a) => crate::ctl_list::run(a),
+        Command::Stop(a) => crate::ctl_stop::run(a),
+        Command::Completions(a) => {
+            crate::completions::run(a, <Fifobind as clap::CommandFactory>::command())
+        }
     }
 }
 

@@ -1,12 +1,16 @@
 //! Going to the background, and telling the foreground when we are ready.
 //!
 //! `pid=$(bind-input in1 9999)` must be race-free: the command may return
-//! only once the binding works. The `daemonize` crate's parent learns
+//! only once the binding works. The `daemonix` crate's parent learns
 //! nothing of the daemon, so a pipe is passed through the double fork,
 //! s6-style: the daemon writes `OK PID` once ready, or `ERR STATUS
 //! MESSAGE` if it failed, and the foreground prints the PID or the error
 //! and exits with the matching status. If the daemon dies without a word,
 //! end-of-file on the pipe says so.
+//!
+//! The double fork is `daemonix`'s: the maintained fork of `daemonize`
+//! 0.5 (unmaintained, RUSTSEC-2025-0069), with the same API and its
+//! undefined behaviour fixed.
 //!
 //! In `--foreground` mode (how a pool or master runs its bindings) the same
 //! readiness line, the PID, is printed on stdout and stdout is then closed,
@@ -35,6 +39,7 @@ impl Ready {
             drop(out);
             redirect_to_null(libc::STDOUT_FILENO);
             self.foreground = false;
+            crate::notify::ready(&format!("ready, PID {pid}"));
         } else if let Some(mut pipe) = self.pipe.take() {
             let _ = writeln!(pipe, "OK {pid}");
         }
@@ -71,7 +76,7 @@ pub fn close_inherited(keep: Option<i32>) {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     for fd in fds {
-        if fd > 2 && Some(fd) != keep {
+        if fd > 2 && Some(fd) != keep && !crate::activation::holds(fd) {
             // SAFETY: nothing in this process owns these yet; an already
             // closed one (the listing's own) gives EBADF, which is fine.
             unsafe { libc::close(fd) };
@@ -104,15 +109,18 @@ where
             pipe: None,
             foreground: true,
         };
-        return work(&mut ready);
+        let result = work(&mut ready);
+        crate::notify::stopping();
+        return result;
     }
-    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let outcome = daemonize::Daemonize::new()
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("cannot create the readiness pipe", &e.into()))?;
+    let outcome = daemonix::Daemonize::new()
         .working_directory("/")
         .umask(0o077)
         .execute();
     match outcome {
-        daemonize::Outcome::Parent(Ok(_)) => {
+        daemonix::Outcome::Parent(Ok(_)) => {
             // What `work` owns now belongs to the daemon; dropping it here
             // would undo shared state (an flock is per open file, and its
             // Drop unlocks it for the daemon too).
@@ -120,11 +128,11 @@ where
             drop(write_end);
             wait_ready(read_end)
         }
-        daemonize::Outcome::Parent(Err(e)) => Err(Error::new(
+        daemonix::Outcome::Parent(Err(e)) => Err(Error::new(
             ExitStatus::OsErr,
             format!("cannot go to the background: {e}"),
         )),
-        daemonize::Outcome::Child(result) => {
+        daemonix::Outcome::Child(result) => {
             drop(read_end);
             let mut ready = Ready {
                 pipe: Some(File::from(write_end)),
@@ -134,6 +142,9 @@ where
                 Err(e) => {
                     let err = Error::new(ExitStatus::OsErr, format!("cannot daemonize: {e}"));
                     ready.fail(&err);
+                    // `exit` runs no destructors: what `work` owns (a
+                    // binding's FIFO and claim) is undone here.
+                    drop(work);
                     err.status
                 }
                 Ok(_) => match work(&mut ready) {

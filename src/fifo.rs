@@ -1,10 +1,15 @@
 //! The named pipe a binding exposes, created and held safely.
 //!
-//! A binding holds its own FIFO open read-write: opening never blocks, the
-//! binding's readers (bind-input) never see end-of-file between lines, and
-//! its writers (bind-output) may open and close it at will. The FIFO is
-//! mode 0600 whatever the umask, and a symlink or regular file in its
-//! place is refused rather than followed or clobbered.
+//! A binding holds its own FIFO open at both ends, through two
+//! descriptors: a read end and a write end. Holding both, opening never
+//! blocks, the binding's readers (bind-input) never see end-of-file
+//! between lines, and its writers (bind-output) may open and close it at
+//! will. Two descriptors rather than one read-write one, so that a
+//! bind-output that is told its writers are done can let go of its write
+//! end and read on to end-of-file: the moment the last writer, a child of
+//! the daemon included, has closed it. The FIFO is mode 0600 whatever the
+//! umask, and a symlink or regular file in its place is refused rather
+//! than followed or clobbered.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -22,17 +27,20 @@ pub const PIPE_CAPACITY: usize = 1 << 20;
 
 pub struct Fifo {
     path: PathBuf,
-    file: File,
+    reader: File,
+    /// Ours, so that neither end ever waits or sees end-of-file; `None`
+    /// once [`Fifo::close_writer`] let it go.
+    writer: Option<File>,
     ino: u64,
     capacity: usize,
 }
 
 impl Fifo {
-    /// Creates the FIFO at `path` and opens it read-write, non-blocking.
+    /// Creates the FIFO at `path` and opens both its ends, non-blocking.
     /// The caller holds the claim on the name, so a FIFO already there is
     /// a stale one and is replaced.
     pub fn create(path: &Path) -> Result<Fifo> {
-        let what = || format!("cannot create FIFO {}", path.display());
+        let what = || format!("cannot create the FIFO {}", path.display());
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_fifo() => {
                 fs::remove_file(path).map_err(|e| Error::io(what(), &e))?
@@ -62,13 +70,16 @@ impl Fifo {
     }
 
     fn open_created(path: &Path) -> Result<Fifo> {
-        let what = || format!("cannot open FIFO {}", path.display());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| Error::io(what(), &e))?;
+        let what = || format!("cannot open the FIFO {}", path.display());
+        let open = |options: &mut OpenOptions| {
+            options
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| Error::io(what(), &e))
+        };
+        // The read end first: a non-blocking open for writing fails
+        // (ENXIO) while the FIFO has no reader.
+        let file = open(OpenOptions::new().read(true))?;
         let meta = file.metadata().map_err(|e| Error::io(what(), &e))?;
         if !meta.file_type().is_fifo() || meta.uid() != nix::unistd::geteuid().as_raw() {
             return Err(Error::new(
@@ -79,10 +90,21 @@ impl Fifo {
         // mkfifo honours the umask; the mode must be exact.
         file.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(what(), &e))?;
+        let writer = open(OpenOptions::new().write(true))?;
+        let same = writer
+            .metadata()
+            .is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev());
+        if !same {
+            return Err(Error::new(
+                ExitStatus::NoPerm,
+                format!("{}: replaced by something else", what()),
+            ));
+        }
         let capacity = grow(&file);
         Ok(Fifo {
             path: path.to_path_buf(),
-            file,
+            reader: file,
+            writer: Some(writer),
             ino: meta.ino(),
             capacity,
         })
@@ -92,8 +114,23 @@ impl Fifo {
         &self.path
     }
 
+    /// The write end, which bind-input writes into. Gone after
+    /// [`Fifo::close_writer`], which only bind-output calls.
     pub fn file(&self) -> &File {
-        &self.file
+        self.writer
+            .as_ref()
+            .expect("the write end is used only while held")
+    }
+
+    /// The read end, which bind-output reads from.
+    pub fn reader(&self) -> &File {
+        &self.reader
+    }
+
+    /// Lets go of our write end: once every other writer has closed the
+    /// FIFO too, the read end reads end-of-file.
+    pub fn close_writer(&mut self) {
+        self.writer = None;
     }
 
     /// The pipe's capacity in bytes.
@@ -105,7 +142,7 @@ impl Fifo {
     pub fn unread(&self) -> usize {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int through the pointer.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::FIONREAD, &mut n) };
+        let rc = unsafe { libc::ioctl(self.reader.as_raw_fd(), libc::FIONREAD, &mut n) };
         if rc < 0 { 0 } else { n as usize }
     }
 
@@ -119,9 +156,10 @@ impl Fifo {
     }
 }
 
+/// The write end, as [`Fifo::file`]: what bind-input polls for room.
 impl AsFd for Fifo {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
+        self.file().as_fd()
     }
 }
 
@@ -168,5 +206,26 @@ mod tests {
             ExitStatus::CantCreate
         );
         assert_eq!(fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn reader_sees_end_of_file_once_every_writer_closed() {
+        use std::io::{Read, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let mut fifo = Fifo::create(&path).unwrap();
+        let mut other = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut buf = [0u8; 16];
+        // Our own write end held: no data is "would block", not the end.
+        let err = fifo.reader().read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        fifo.close_writer();
+        other.write_all(b"late\n").unwrap();
+        assert_eq!(fifo.reader().read(&mut buf).unwrap(), 5);
+        let err = fifo.reader().read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "a writer is left");
+        drop(other);
+        assert_eq!(fifo.reader().read(&mut buf).unwrap(), 0);
+        fifo.remove();
     }
 }

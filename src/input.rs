@@ -79,7 +79,7 @@ pub struct InputOptions {
 
 pub fn run(opts: InputOptions) -> Result<()> {
     let binding = Binding::open(&opts.id, &opts.common)?;
-    let listener = match net::listen(opts.bind, opts.port) {
+    let listener = match crate::activation::listen(opts.bind, opts.port) {
         Ok(l) => l,
         Err(e) => {
             binding.close();
@@ -96,6 +96,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             binding.fifo.path().display(),
             atomic_size(capacity),
         );
+        crate::status::start_binding(binding, "bind-input", opts.port.0, None);
         binding.ready(ready);
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
@@ -272,6 +273,7 @@ impl Relay<'_> {
                     return true;
                 }
                 log::info!("connection from {} ended", c.peer);
+                crate::status::peer_gone(c.peer);
                 let ip = c.peer.ip();
                 if let Some(n) = per_addr.get_mut(&ip) {
                     *n -= 1;
@@ -377,7 +379,7 @@ impl Relay<'_> {
                 {
                     match conn.fill() {
                         Ok(0) => conn.lines.end_of_stream(),
-                        Ok(_) => {}
+                        Ok(n) => crate::status::add_in(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
@@ -528,6 +530,7 @@ impl Relay<'_> {
             self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
             self.conns.push(Conn::new(self.next_token, stream, peer));
+            crate::status::peer_added(peer);
             self.next_token += 1;
             if self.opts.once {
                 // One connection only: the port is free again at once.
@@ -579,6 +582,7 @@ impl Relay<'_> {
                         self.cut_logged = true;
                         log::warn!("the FIFO took {n} of {len} bytes: a line was split");
                     }
+                    crate::status::add_out(n);
                     conn.lines.consumed(n);
                     let owner = conn.lines.mid_line().then_some(conn.token);
                     if owner != self.owner {

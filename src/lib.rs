@@ -3,11 +3,15 @@
 //! The five commands in `bin/` are thin mains over this library; each
 //! module below owns one concern.
 
+pub mod activation;
 pub mod args;
 pub mod binding;
 pub mod claim;
 pub mod cli;
+pub mod completions;
 pub mod ctl;
+pub mod ctl_list;
+pub mod ctl_stop;
 pub mod daemon;
 pub mod error;
 pub mod fifo;
@@ -16,6 +20,7 @@ pub mod input;
 pub mod logging;
 pub mod master;
 pub mod net;
+pub mod notify;
 pub mod output;
 pub mod penalty;
 pub mod pool;
@@ -26,5 +31,6 @@ pub mod runtime_dir;
 pub mod secure;
 pub mod signals;
 pub mod spool;
+pub mod status;
 pub mod supervise;
 pub mod sweep;

@@ -194,6 +194,13 @@ pub fn run(opts: MasterOptions) -> Result<()> {
     let ddir = std::path::absolute(&opts.ddir).unwrap_or(opts.ddir.clone());
     let list = daemons(&ddir)?;
     let mut owner = Owner::new("master", true)?;
+    crate::status::start_owner(
+        &owner.dir,
+        &owner.name,
+        "master",
+        opts.port.0,
+        Some(opts.host.as_str()),
+    );
     let mut daemons = Vec::new();
     let outcome = start_all(&opts, &mut owner, &mut daemons, &list, &ddir)
         .and_then(|()| wait(&mut owner, &mut daemons));
@@ -218,7 +225,9 @@ fn start_all(
         let port = protocol::request_port(&mut conn, name).map_err(|f| f.at(&pool))?;
         daemons.push(start_daemon(opts, owner, name, path, ddir, port)?);
     }
-    protocol::end(&mut conn).map_err(|f| f.at(&pool))
+    protocol::end(&mut conn).map_err(|f| f.at(&pool))?;
+    crate::notify::ready(&format!("{} daemons running", daemons.len()));
+    Ok(())
 }
 
 /// Connects to the pool on a thread of its own, so that a stop signal

@@ -2,7 +2,7 @@
 //! turning the system's refusals into the documented exit statuses.
 
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -59,16 +59,9 @@ pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
     } else {
         format!("{host}:{port}")
     };
-    let addrs: Vec<SocketAddr> = match (host, port.0).to_socket_addrs() {
-        Ok(addrs) => addrs.collect(),
-        Err(_) => Vec::new(),
-    };
-    if addrs.is_empty() {
-        return Err(Error::new(
-            ExitStatus::NoHost,
-            format!("cannot connect to {target}: unknown host"),
-        ));
-    }
+    let addrs = resolve(host, port).map_err(|(status, why)| {
+        Error::new(status, format!("cannot connect to {target}: {why}"))
+    })?;
     let mut last = None;
     for addr in &addrs {
         let socket = Socket::new(
@@ -76,7 +69,7 @@ pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
             Type::STREAM,
             Some(Protocol::TCP),
         )
-        .map_err(|e| Error::io("cannot create socket", &e))?;
+        .map_err(|e| Error::io(format!("cannot create a socket for {target}"), &e))?;
         match socket.connect_timeout(&SockAddr::from(*addr), timeout) {
             Ok(()) => {
                 let stream: TcpStream = socket.into();
@@ -92,6 +85,124 @@ pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
         error.status = ExitStatus::TempFail;
     }
     Err(error)
+}
+
+/// The addresses of `host` (a name or a literal address), in the
+/// resolver's order. std's `ToSocketAddrs` keeps only the resolver's
+/// message, and a temporary failure (no name server answered: trying
+/// later may work) must not be reported as an unknown host.
+fn resolve(host: &str, port: Port) -> std::result::Result<Vec<SocketAddr>, (ExitStatus, String)> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port.0)]);
+    }
+    let name = std::ffi::CString::new(bare)
+        .map_err(|_| (ExitStatus::NoHost, "unknown host".to_string()))?;
+    // SAFETY: an all-zero addrinfo is the documented empty hints value.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut list: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: valid C strings and hints; `list` is freed below.
+    let rc = unsafe { libc::getaddrinfo(name.as_ptr(), std::ptr::null(), &hints, &mut list) };
+    if rc != 0 {
+        let errno = io::Error::last_os_error();
+        return Err(resolve_failure(rc, &errno));
+    }
+    let mut addrs = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getaddrinfo returned, alive until
+        // freeaddrinfo; its address has the length it says.
+        let info = unsafe { &*at };
+        if let Some(ip) = ip_of(info) {
+            let addr = SocketAddr::new(ip, port.0);
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        at = info.ai_next;
+    }
+    // SAFETY: the list getaddrinfo returned, freed once.
+    unsafe { libc::freeaddrinfo(list) };
+    if addrs.is_empty() {
+        return Err((ExitStatus::NoHost, "unknown host".to_string()));
+    }
+    Ok(addrs)
+}
+
+/// The address of one of getaddrinfo's answers, if IPv4 or IPv6.
+fn ip_of(info: &libc::addrinfo) -> Option<IpAddr> {
+    if info.ai_addr.is_null() {
+        return None;
+    }
+    let len = info.ai_addrlen as usize;
+    match info.ai_family {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: an AF_INET answer points at a sockaddr_in this long.
+            let sin = unsafe { &*(info.ai_addr as *const libc::sockaddr_in) };
+            Some(IpAddr::from(
+                u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+            ))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: an AF_INET6 answer points at a sockaddr_in6 this long.
+            let sin6 = unsafe { &*(info.ai_addr as *const libc::sockaddr_in6) };
+            Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
+}
+
+/// The exit status and words for a getaddrinfo(3) failure `rc` (`errno`
+/// as it was right after, for EAI_SYSTEM).
+fn resolve_failure(rc: i32, errno: &io::Error) -> (ExitStatus, String) {
+    match rc {
+        // No name server answered, or it answered "try again" (SERVFAIL).
+        libc::EAI_AGAIN => (
+            ExitStatus::TempFail,
+            "temporary failure in name resolution".to_string(),
+        ),
+        libc::EAI_MEMORY => (
+            ExitStatus::OsErr,
+            "out of memory resolving the host".to_string(),
+        ),
+        libc::EAI_SYSTEM => (
+            ExitStatus::of_io(errno),
+            format!(
+                "cannot resolve the host: {}",
+                crate::error::describe_io(errno)
+            ),
+        ),
+        // EAI_NONAME, EAI_NODATA, EAI_FAIL, EAI_ADDRFAMILY and the rest:
+        // the name has no address we can use.
+        _ => (ExitStatus::NoHost, "unknown host".to_string()),
+    }
+}
+
+/// Keeps at most `bytes` of not yet sent data in the socket's send
+/// buffer (TCP_NOTSENT_LOWAT). Without it the buffer autotunes to
+/// megabytes, splice fills it far ahead of a slow reader, and on loopback
+/// each window update then sends from that backlog inside the *reader's*
+/// `recv()`: the reader does the TCP work of both ends. Bytes in flight
+/// (sent, not yet acknowledged) are not counted, so a long path keeps its
+/// full window.
+pub fn limit_unsent(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: setsockopt with a pointer to an int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An address as the user wrote it, whichever way the socket reports it:
@@ -218,6 +329,41 @@ mod tests {
     fn mapped_ipv4_is_ipv4() {
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert_eq!(canonical(mapped), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn resolver_failures_map_to_sysexits() {
+        let none = io::Error::from_raw_os_error(0);
+        assert_eq!(
+            resolve_failure(libc::EAI_AGAIN, &none).0,
+            ExitStatus::TempFail
+        );
+        assert_eq!(
+            resolve_failure(libc::EAI_NONAME, &none).0,
+            ExitStatus::NoHost
+        );
+        assert_eq!(resolve_failure(libc::EAI_FAIL, &none).0, ExitStatus::NoHost);
+        assert_eq!(
+            resolve_failure(libc::EAI_NODATA, &none).0,
+            ExitStatus::NoHost
+        );
+        assert_eq!(
+            resolve_failure(libc::EAI_MEMORY, &none).0,
+            ExitStatus::OsErr
+        );
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let (status, why) = resolve_failure(libc::EAI_SYSTEM, &emfile);
+        assert_eq!(status, ExitStatus::OsErr);
+        assert_eq!(why, "cannot resolve the host: too many open files");
+    }
+
+    #[test]
+    fn literal_addresses_need_no_resolver() {
+        let want: SocketAddr = "[::1]:2000".parse().unwrap();
+        assert_eq!(resolve("[::1]", Port(2000)).unwrap(), [want]);
+        assert_eq!(resolve("::1", Port(2000)).unwrap(), [want]);
+        let want: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        assert_eq!(resolve("127.0.0.1", Port(2000)).unwrap(), [want]);
     }
 
     #[test]

@@ -175,13 +175,15 @@ struct Pool {
 
 pub fn run(opts: PoolOptions) -> Result<()> {
     let owner = Owner::new("pool", false)?;
-    let listener = net::listen(opts.bind, opts.port)?;
+    let listener = crate::activation::listen(opts.bind, opts.port)?;
     let (wake, wake_tx) =
         UnixStream::pair().map_err(|e| Error::io("cannot create a socket pair", &e))?;
     wake.set_nonblocking(true)
         .map_err(|e| Error::io("cannot configure a socket pair", &e))?;
     let (tx, admitted) = channel();
     log::info!("waiting for a master on port {}", opts.port);
+    crate::status::start_owner(&owner.dir, &owner.name, "pool", opts.port.0, None);
+    crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
     let door = Arc::new(Door {
         key: opts.key.clone(),
         step: opts.step_timeout,
@@ -234,6 +236,7 @@ impl Pool {
                 while matches!(io::Read::read(&mut &self.wake, &mut buf), Ok(n) if n > 0) {}
                 while let Ok((mut conn, master)) = self.admitted.try_recv() {
                     self.owner.stop_on(&mut conn)?;
+                    crate::status::peer_added(master);
                     self.session = Some(Session {
                         conn,
                         master,
@@ -302,6 +305,7 @@ impl Pool {
         match end {
             None => self.session = Some(s),
             Some(why) => {
+                crate::status::peer_gone(master);
                 if !why.is_empty() {
                     log::warn!("connection from {master}: {why}");
                 }

@@ -226,7 +226,7 @@ mod tests {
             rng
         };
         let mut s = Spool::new(64, Full::Block);
-        let mut produced = Vec::new();
+        let mut produced: Vec<u8> = Vec::new();
         let mut received: Vec<u8> = Vec::new();
         let mut wire: Vec<u8> = Vec::new();
         for step in 0..20_000u64 {

@@ -54,6 +54,8 @@ pub const START_LIMIT: Duration = Duration::from_secs(10);
 pub struct Owner {
     /// The runtime directory.
     pub dir: RuntimeDir,
+    /// `ROLE@PID`: the name its bookkeeping files go under.
+    pub name: String,
     /// Where its bindings go: a private directory for a master, so that
     /// its bindings never clash with a pool's; else `dir`.
     pub session: Option<RuntimeDir>,
@@ -103,7 +105,10 @@ impl Owner {
             session: None,
             claim: Some(claim),
         };
-        let mut cleanup = vec![books.claim.as_ref().expect("set").path().to_path_buf()];
+        let mut cleanup = vec![
+            books.claim.as_ref().expect("set").path().to_path_buf(),
+            dir.dotfile(&name, "status"),
+        ];
         let session = if private {
             let path = dir.dotfile(&name, "d");
             books.session = Some(path.clone());
@@ -119,6 +124,7 @@ impl Owner {
         let watchdog = Watchdog::new()?;
         Ok(Owner {
             dir,
+            name,
             session,
             signals,
             children,
@@ -253,6 +259,7 @@ impl Owner {
             && let Ok(sig) = Signal::try_from(n)
         {
             log::info!("stopping on {sig}");
+            crate::notify::stopping();
         }
         drop(self);
         outcome
@@ -261,6 +268,7 @@ impl Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
+        crate::status::finish();
         self.stop_all();
     }
 }
@@ -425,6 +433,10 @@ impl Guardian {
             }),
             ForkResult::Child => {
                 drop(write);
+                // What a service manager passed is the owner's, not ours: a
+                // ready pipe we held would never see end-of-file.
+                crate::notify::forget();
+                crate::activation::forget();
                 // A panic must not unwind into the owner's half-made
                 // state, whose drop would remove its bookkeeping.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

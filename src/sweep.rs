@@ -33,7 +33,10 @@ pub fn sweep(dir: &RuntimeDir) {
         let Some(name) = file_name.to_str() else {
             continue;
         };
-        if let Some(owner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".lock")) {
+        if let Some(owner) = name.strip_prefix('.').and_then(|n| {
+            n.strip_suffix(".lock")
+                .or_else(|| n.strip_suffix(".status"))
+        }) {
             names.push(owner.to_string());
         } else if name.parse::<Id>().is_ok() && entry.file_type().is_ok_and(|t| t.is_fifo()) {
             names.push(name.to_string());
@@ -61,6 +64,7 @@ fn reclaim(dir: &RuntimeDir, name: &str) {
         registry::stop_all(&leftovers, GRACE);
     }
     registry::remove(&registry_path);
+    crate::status::remove(dir.path(), name);
     let session = dir.dotfile(name, "d");
     if session.is_dir() {
         if let Ok(inner) = RuntimeDir::at(&session) {

@@ -53,10 +53,44 @@ fn refused_connection_is_unavailable() {
     env.assert_clean();
 }
 
-/// An unknown host is 68. Resolved only inside a fresh network namespace,
-/// so no query can leave the machine.
+/// A host the resolver does not know is 68: inside fresh network and
+/// mount namespaces, with the host database limited to /etc/hosts, so no
+/// query can leave the machine.
 #[test]
 fn unknown_host_is_nohost() {
+    if !can_unshare_net() {
+        return;
+    }
+    let env = Env::new();
+    let nsswitch = env.tmp().join("nsswitch.conf");
+    std::fs::write(&nsswitch, "hosts: files\n").unwrap();
+    let port = free_port().to_string();
+    let out = run_with_timeout(env.cmd("unshare").args([
+        "-n",
+        "-m",
+        "--",
+        "sh",
+        "-c",
+        r#"mount --bind "$1" /etc/nsswitch.conf && exec "$2" lost no-such-host.invalid "$3""#,
+        "sh",
+        nsswitch.to_str().unwrap(),
+        BIND_OUTPUT,
+        &port,
+    ]));
+    assert_fails(&out, 68, "no-such-host.invalid");
+    assert!(
+        describe(&out).contains("unknown host"),
+        "{}",
+        describe(&out)
+    );
+    env.assert_clean();
+}
+
+/// Regression: a resolver that cannot be reached (EAI_AGAIN) was an
+/// unknown host, 68; it is a temporary failure, 75. In a fresh network
+/// namespace no name server answers, and no query leaves the machine.
+#[test]
+fn unreachable_resolver_is_tempfail() {
     if !can_unshare_net() {
         return;
     }
@@ -70,7 +104,12 @@ fn unknown_host_is_nohost() {
         "no-such-host.invalid",
         &port,
     ]));
-    assert_fails(&out, 68, "no-such-host.invalid");
+    assert_fails(&out, 75, "no-such-host.invalid");
+    assert!(
+        describe(&out).contains("temporary failure in name resolution"),
+        "{}",
+        describe(&out)
+    );
     env.assert_clean();
 }
 
@@ -226,17 +265,198 @@ fn sigterm_flushes_what_was_written() {
     env.assert_clean();
 }
 
-/// When the remote end closes, the binding cleans up and exits by itself.
+/// When the remote end closes, the binding cleans up and exits by
+/// itself, at the first send that fails: its end-of-file alone may be a
+/// half-close (see `half_closing_remote_still_receives`).
 #[test]
 fn remote_close_ends_the_binding() {
     let env = Env::new();
     let (listener, port) = listener();
     let pid = env.start(BIND_OUTPUT, &["gone", "127.0.0.1", &port.to_string()]);
     drop(accept(&listener));
+    // One writer, holding the FIFO open: a shell redirection after the
+    // binding is gone would create a regular file in its place.
+    let mut fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(env.fifo("gone"))
+        .unwrap();
+    let ended = wait_for(PATIENCE, || {
+        // EPIPE once the binding is gone: it may end any moment.
+        let _ = fifo.write(b"anyone there?\n");
+        std::thread::sleep(Duration::from_millis(20));
+        !alive(pid)
+    });
     assert!(
-        wait_gone(pid, Duration::from_secs(3)),
+        ended,
         "still running after the remote closed\n{}",
         env.logs()
+    );
+    assert!(
+        env.logs().contains("closed the connection"),
+        "{}",
+        env.logs()
+    );
+    env.assert_clean();
+}
+
+/// Regression: a remote that shuts its sending side at once (`ncat -l
+/// --recv-only`) was taken for a closed one, and got none of the lines.
+#[test]
+fn half_closing_remote_still_receives() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    let pid = env.start(BIND_OUTPUT, &["half", "127.0.0.1", &port.to_string()]);
+    let mut conn = accept(&listener);
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    // The binding has read the end-of-file before the lines come.
+    assert!(
+        wait_for(PATIENCE, || env.logs().contains("shut its sending side")),
+        "{}",
+        env.logs()
+    );
+    let out = env.bash(r#"for i in $(seq 1 100); do echo "line $i" > "$FIFOBIND_DIR/half"; done"#);
+    assert!(out.status.success(), "{}", describe(&out));
+    let want: Vec<String> = (1..=100).map(|i| format!("line {i}")).collect();
+    assert_eq!(read_lines_from(&mut conn, 100), want, "{}", env.logs());
+    assert!(alive(pid), "{}", env.logs());
+    kill(pid, libc::SIGTERM);
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
+/// The same with the real `ncat -l --recv-only`.
+#[test]
+fn ncat_recv_only_gets_every_line() {
+    if !have_tool("ncat", "ncat") {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port().to_string();
+    let got = env.tmp().join("got");
+    let script = format!(
+        r#"
+        ncat -l --recv-only 127.0.0.1 {port} > "{}" & ncat=$!
+        for i in $(seq 1 200); do
+            pid=$(bind-output half 127.0.0.1 {port} 2>/dev/null) && break
+            sleep 0.05
+        done
+        [ -n "$pid" ] || exit 9
+        for i in $(seq 1 100); do echo "line $i" > "$FIFOBIND_DIR/half"; done
+        kill -USR1 "$pid"
+        wait "$ncat"
+        "#,
+        got.display()
+    );
+    let out = env.bash(&script);
+    assert!(out.status.success(), "{}\n{}", describe(&out), env.logs());
+    let got = std::fs::read_to_string(got).unwrap();
+    let want: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(got, want, "{}", env.logs());
+    env.assert_clean();
+}
+
+/// Regression: after SIGUSR1 the binding ended as soon as the FIFO was
+/// empty for an instant, while a writer (a finished daemon's child) was
+/// still writing. It now sends until every writer has closed the FIFO.
+#[test]
+fn drain_waits_for_every_writer() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    let pid = env.start(BIND_OUTPUT, &["late", "127.0.0.1", &port.to_string()]);
+    let mut conn = accept(&listener);
+    // A writer that goes on writing, slowly, after the signal: the FIFO
+    // is empty between its lines.
+    let _writer = env.spawn_bash(
+        r#"exec 3> "$FIFOBIND_DIR/late"
+        for i in $(seq 1 100); do echo "line $i" >&3; sleep 0.01; done"#,
+    );
+    // At least the first line (one read may bring more).
+    let mut got = read_lines_from(&mut conn, 1);
+    kill(pid, libc::SIGUSR1);
+    assert!(got.len() < 100, "the writer was done before the signal");
+    let (rest, closed) = read_until_closed(&mut conn, PATIENCE);
+    assert!(closed, "the binding did not close after draining");
+    got.extend(rest);
+    let want: Vec<String> = (1..=100).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, want, "{}", env.logs());
+    assert!(wait_gone(pid, PATIENCE));
+    env.assert_clean();
+}
+
+/// Out of descriptors at every step of the start (`ulimit -n`): each
+/// failure is status 71 with a message saying what failed, and leaves
+/// nothing behind; regression: the FIFO and the claim were left, and the
+/// message was a bare "too many open files".
+#[test]
+fn out_of_descriptors_leaves_nothing() {
+    let env = Env::new();
+    let (listener, port) = listener();
+    listener.set_nonblocking(true).unwrap();
+    let in_port = free_port();
+    let (mut failed, mut started) = (0, 0);
+    for limit in 4..=14 {
+        for fg in ["", "--foreground"] {
+            for (program, args) in [
+                ("bind-input", format!("{fg} fdin {in_port}")),
+                ("bind-output", format!("{fg} fdout 127.0.0.1 {port}")),
+            ] {
+                // In the foreground a started binding is stopped at once
+                // by its own shell, once it has printed its PID.
+                let script = format!(
+                    r#"ulimit -n {limit}
+                    if [ -n "{fg}" ]; then
+                        coproc {program} {args}
+                        read -r pid <&"${{COPROC[0]}}" && kill "$pid"
+                        wait "$COPROC_PID"
+                    else
+                        {program} {args}
+                    fi"#
+                );
+                let out = env.bash(&script);
+                let what = format!(
+                    "{program} {args} with ulimit -n {limit}: {}",
+                    describe(&out)
+                );
+                if out.status.success() {
+                    started += 1;
+                    if fg.is_empty() {
+                        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+                        kill(pid, libc::SIGTERM);
+                        assert!(wait_gone(pid, PATIENCE), "{what}");
+                    }
+                } else {
+                    failed += 1;
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    // In the foreground, log lines come before it.
+                    let prefix = format!("{program}: ");
+                    let errors: Vec<&str> =
+                        stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
+                    assert_eq!(errors.len(), 1, "{what}");
+                    let err = errors[0];
+                    assert_eq!(out.status.code(), Some(71), "{what}");
+                    assert!(
+                        err.starts_with(&format!("{prefix}cannot ")),
+                        "no context: {what}"
+                    );
+                    assert!(
+                        err.contains("too many open files") || err.contains("errno 24"),
+                        "{what}"
+                    );
+                }
+                while let Ok((conn, _)) = listener.accept() {
+                    drop(conn);
+                }
+                let procs = env.wait_no_processes(PATIENCE);
+                assert!(procs.is_empty(), "{what}: left running {procs:?}");
+                let files = env.leftovers();
+                assert!(files.is_empty(), "{what}: left {files:?}");
+            }
+        }
+    }
+    assert!(
+        failed > 0 && started > 0,
+        "failed {failed}, started {started}"
     );
     env.assert_clean();
 }

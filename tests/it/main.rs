@@ -8,5 +8,6 @@ mod hardening;
 mod keys;
 mod limits;
 mod man;
+mod operate;
 mod pool_master;
 mod seed;

@@ -25,7 +25,7 @@ const COMMANDS: &[(&str, Definition)] = &[
 
 /// The sections every page has, in this order; others (NOTES, BUGS) may
 /// come between them.
-const SECTIONS: &[&str] = &[
+pub(crate) const SECTIONS: &[&str] = &[
     "NAME",
     "SYNOPSIS",
     "DESCRIPTION",
@@ -42,7 +42,7 @@ fn man_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("man")
 }
 
-fn page(command: &str) -> String {
+pub(crate) fn page(command: &str) -> String {
     let path = man_dir().join(format!("{command}.1"));
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
@@ -101,7 +101,7 @@ fn plain(roff: &str) -> String {
 }
 
 /// The section headings of a page, as written after `.SH`.
-fn headings(roff: &str) -> Vec<String> {
+pub(crate) fn headings(roff: &str) -> Vec<String> {
     roff.lines()
         .filter_map(|l| l.strip_prefix(".SH"))
         .map(|rest| plain(rest).trim().trim_matches('"').to_string())
@@ -109,7 +109,7 @@ fn headings(roff: &str) -> Vec<String> {
 }
 
 /// The text of section `name` (up to the next `.SH`).
-fn section<'a>(roff: &'a str, name: &str) -> &'a str {
+pub(crate) fn section<'a>(roff: &'a str, name: &str) -> &'a str {
     let mut start = None;
     let mut offset = 0;
     for line in roff.split_inclusive('\n') {
@@ -131,7 +131,7 @@ fn section<'a>(roff: &'a str, name: &str) -> &'a str {
 
 /// The tags of the items of a section: the line after each `.TP` or
 /// `.TQ`, and the argument of each `.IP`, as printed.
-fn item_tags(section: &str) -> Vec<String> {
+pub(crate) fn item_tags(section: &str) -> Vec<String> {
     let mut tags = Vec::new();
     let mut lines = section.lines();
     while let Some(line) = lines.next() {
@@ -151,7 +151,7 @@ fn item_tags(section: &str) -> Vec<String> {
 
 /// Whether `text` holds `option` as a whole word: `--once` but not the
 /// start of `--once-more`.
-fn mentions(text: &str, option: &str) -> bool {
+pub(crate) fn mentions(text: &str, option: &str) -> bool {
     text.match_indices(option).any(|(i, _)| {
         let before = text[..i].chars().next_back();
         let after = text[i + option.len()..].chars().next();
@@ -162,7 +162,10 @@ fn mentions(text: &str, option: &str) -> bool {
 
 /// The long options of `cmd` and of its subcommands, as `--name`.
 fn long_options(cmd: &clap::Command, into: &mut Vec<String>) {
-    for long in cmd.get_arguments().filter_map(|arg| arg.get_long()) {
+    // A hidden option (`fifobind list --names`, for completion) is no
+    // user's interface, so no page's.
+    let shown = cmd.get_arguments().filter(|arg| !arg.is_hide_set());
+    for long in shown.filter_map(|arg| arg.get_long()) {
         let long = format!("--{long}");
         if !into.contains(&long) {
             into.push(long);

@@ -220,7 +220,7 @@ fn collect(dir: &Path, found: &mut Vec<String>) {
         if ty.is_dir() {
             found.push(format!("{name}/"));
             collect(&e.path(), found);
-        } else if !name.ends_with(".log") {
+        } else if !name.ends_with(".log") && !name.ends_with(".log.1") {
             let kind = if ty.is_fifo() { " (fifo)" } else { "" };
             found.push(format!("{name}{kind}"));
         }

@@ -1,0 +1,94 @@
+//! `fifobind completions SHELL`: completion scripts for the five commands.
+//!
+//! clap_complete writes what clap knows (subcommands, options, value
+//! names); what it cannot know, the names live in the runtime directory,
+//! is added by hand: completing the NAME of `fifobind stop` or `fifobind
+//! path` asks `fifobind list --names` at the moment of completion.
+
+use std::io::Write;
+
+use clap::CommandFactory;
+use clap_complete::{Shell, generate};
+
+use crate::cli;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Target {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to print the completion script for
+    #[arg(value_name = "SHELL", value_enum)]
+    pub shell: Target,
+}
+
+/// Live names for `fifobind stop|path NAME`, after clap's own script.
+const BASH_LIVE: &str = r#"
+_fifobind_live() {
+    local cur=${COMP_WORDS[COMP_CWORD]}
+    if (( COMP_CWORD > 1 )) && [[ $cur != -* ]]; then
+        case ${COMP_WORDS[1]} in
+            stop|path)
+                COMPREPLY=($(compgen -W "$(fifobind list --names 2>/dev/null)" -- "$cur"))
+                return 0;;
+        esac
+    fi
+    _fifobind "$@"
+}
+complete -F _fifobind_live -o bashdefault -o default fifobind
+"#;
+
+const ZSH_LIVE: &str = r#"
+_fifobind_live() {
+    if (( CURRENT > 2 )) && [[ ${words[2]} == (stop|path) && ${words[CURRENT]} != -* ]]; then
+        local -a names
+        names=(${(f)"$(fifobind list --names 2>/dev/null)"})
+        compadd -a names
+        return
+    fi
+    _fifobind "$@"
+}
+compdef _fifobind_live fifobind
+"#;
+
+const FISH_LIVE: &str = r#"
+complete -c fifobind -n '__fish_seen_subcommand_from stop path' -f -a '(fifobind list --names 2>/dev/null)'
+"#;
+
+/// The script for `shell`: the four commands' and `fifobind`'s (whose
+/// clap definition lives in its main), then the live names.
+pub fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
+    let (generator, live) = match shell {
+        Target::Bash => (Shell::Bash, BASH_LIVE),
+        Target::Zsh => (Shell::Zsh, ZSH_LIVE),
+        Target::Fish => (Shell::Fish, FISH_LIVE),
+    };
+    let commands = [
+        ("bind-input", cli::BindInput::command()),
+        ("bind-output", cli::BindOutput::command()),
+        ("pool", cli::Pool::command()),
+        ("master", cli::Master::command()),
+        ("fifobind", fifobind),
+    ];
+    let mut out = Vec::new();
+    for (name, mut command) in commands {
+        generate(generator, &mut command, name, &mut out);
+    }
+    out.extend_from_slice(live.as_bytes());
+    out
+}
+
+pub fn run(args: CompletionsArgs, fifobind: clap::Command) -> Result<()> {
+    let text = script(args.shell, fifobind);
+    match std::io::stdout().lock().write_all(&text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Error::io("cannot write the completion script", &e))
+        }
+        _ => Ok(()),
+    }
+}
