@@ -17,6 +17,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../support/procs.rs"]
+mod procs;
+pub use procs::{alive, children, group_members, kill, rss_kib, wait_gone};
+
 pub const BIND_INPUT: &str = env!("CARGO_BIN_EXE_bind-input");
 pub const BIND_OUTPUT: &str = env!("CARGO_BIN_EXE_bind-output");
 pub const FIFOBIND: &str = env!("CARGO_BIN_EXE_fifobind");
@@ -157,26 +161,7 @@ impl Env {
 
     /// Every process whose environment names this test's runtime directory.
     pub fn processes(&self) -> Vec<i32> {
-        let needle = format!("FIFOBIND_DIR={}", self.dir.display());
-        let me = std::process::id() as i32;
-        let mut found = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == me || !alive(pid) {
-                continue;
-            }
-            if let Ok(env) = fs::read(format!("/proc/{pid}/environ")) {
-                let hit = env
-                    .split(|&b| b == 0)
-                    .any(|var| var.starts_with(needle.as_bytes()));
-                if hit {
-                    found.push(pid);
-                }
-            }
-        }
-        found
+        procs::with_env(&format!("FIFOBIND_DIR={}", self.dir.display()))
     }
 
     /// Waits until no process of this test runs any more.
@@ -244,45 +229,8 @@ fn collect(dir: &Path, found: &mut Vec<String>) {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for _ in 0..3 {
-            let procs = self.processes();
-            if procs.is_empty() {
-                break;
-            }
-            for pid in procs {
-                // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        procs::kill_with_env(&format!("FIFOBIND_DIR={}", self.dir.display()));
     }
-}
-
-/// True unless the process is gone or a zombie.
-pub fn alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            !matches!(state, Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
-}
-
-pub fn wait_gone(pid: i32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while alive(pid) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
 }
 
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -296,11 +244,6 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-pub fn kill(pid: i32, sig: i32) {
-    // SAFETY: plain kill(2).
-    unsafe { libc::kill(pid, sig) };
 }
 
 /// Runs a prepared command with a deadline, killing it if it overstays.
@@ -852,40 +795,6 @@ impl Env {
 // ---------------------------------------------------------------------
 // Processes.
 
-/// Fields of `/proc/PID/stat` after the command name: index 0 is the
-/// state, 1 the parent PID, 2 the process group.
-fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(String::from).collect())
-}
-
-fn all_pids() -> Vec<i32> {
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-        .collect()
-}
-
-/// The live (not zombie) children of `pid`.
-pub fn children(pid: i32) -> Vec<i32> {
-    let parent = pid.to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(1) == Some(&parent)))
-        .collect()
-}
-
-/// The live members of process group `pgid`.
-pub fn group_members(pgid: i32) -> Vec<i32> {
-    let group = pgid.to_string();
-    all_pids()
-        .into_iter()
-        .filter(|&p| alive(p) && stat_fields(p).is_some_and(|f| f.get(2) == Some(&group)))
-        .collect()
-}
-
 /// The one child of a pool or master that it did not register: its
 /// guardian (a fork of itself, so it has the same command line).
 pub fn guardian_of(owner: i32, registered: &[RegEntry]) -> i32 {
@@ -905,13 +814,6 @@ pub fn guardian_of(owner: i32, registered: &[RegEntry]) -> i32 {
         "the guardian is a fork of its owner"
     );
     guardian
-}
-
-/// The resident memory of a process, in KiB.
-pub fn rss_kib(pid: i32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Samples a process's resident memory every few milliseconds, in a
@@ -1126,12 +1028,7 @@ fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<Stri
 
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: i32) -> Option<Duration> {
-    let fields = stat_fields(pid)?;
-    // utime and stime: fields 14 and 15 of the stat line, in clock ticks.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    procs::cpu_seconds(pid).map(Duration::from_secs_f64)
 }
 
 /// Opens `n` connections to a local port at once (non-blocking connects,
