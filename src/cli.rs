@@ -157,9 +157,9 @@ pub struct BindInput {
 
     /// Let a connection hold the FIFO in the middle of a line for SECS
     /// seconds of waiting for its rest; then complete the line and close
-    /// the connection (0: no limit)
-    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero, default_value = "10")]
-    pub line_timeout: Duration,
+    /// the connection (0: no limit; default 10, none with --once)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
+    pub line_timeout: Option<Duration>,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds
     #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
@@ -185,7 +185,11 @@ impl From<BindInput> for InputOptions {
                 None if a.once => None,
                 None => Some(crate::input::IDLE_TIMEOUT),
             },
-            line_timeout: (!a.line_timeout.is_zero()).then_some(a.line_timeout),
+            line_timeout: match a.line_timeout {
+                Some(t) => (!t.is_zero()).then_some(t),
+                None if a.once => None,
+                None => Some(crate::input::LINE_TIMEOUT),
+            },
             common: a.common.into(),
         }
     }

@@ -39,6 +39,8 @@ const MAX_GROWN: usize = 8;
 static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
+/// The default `--line-timeout` (without `--once`).
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default `--idle-timeout` (without `--once`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After running out of descriptors, accepting is retried when a

@@ -267,3 +267,30 @@ fn out_of_descriptors_backs_off() {
     binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
+
+/// Accepted connections have TCP keepalive on, so a client whose host
+/// vanished (no FIN, no reset) is found dead: `ss` shows the timer.
+#[test]
+fn accepted_connections_have_keepalive() {
+    let probe = std::process::Command::new("ss").arg("-V").output();
+    if probe.is_err() {
+        assert!(std::env::var_os("CI").is_none(), "ss (iproute2) is missing");
+        println!("skipped: ss (iproute2) is missing");
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let binding = env.start(BIND_INPUT, &["alive", &port.to_string()]);
+    let mut s = connect(port);
+    s.write_all(b"hello\n").unwrap();
+    assert_eq!(read_lines(&env.fifo("alive"), 1), ["hello"]);
+    let filter = format!("( sport = :{port} )");
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("keepalive"), "no keepalive timer: {text:?}");
+    binding.stop(libc::SIGTERM);
+    env.assert_clean();
+}

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use super::env::{logs_in, runs_in};
+use super::env::logs_in;
+use super::with_env;
 use super::{Env, PATIENCE, alive, kill, wait_gone};
 
 /// A daemonized binding: its PID, and the FIFO and claim it owns.
@@ -17,6 +18,9 @@ use super::{Env, PATIENCE, alive, kill, wait_gone};
 pub struct Binding {
     pub pid: i32,
     dir: PathBuf,
+    /// What its environment holds, to tell it from a stranger that got
+    /// its PID after it exited.
+    marker: String,
     fifo: PathBuf,
     claim: PathBuf,
 }
@@ -44,6 +48,7 @@ impl Env {
         Binding {
             pid,
             dir: self.dir.clone(),
+            marker: self.marker(),
             fifo: self.fifo(id),
             claim,
         }
@@ -112,7 +117,7 @@ impl Binding {
 impl Drop for Binding {
     fn drop(&mut self) {
         // Only a process of this test: the PID may be another's by now.
-        if alive(self.pid) && runs_in(self.pid, &self.dir) {
+        if with_env(&self.marker).contains(&self.pid) {
             kill(self.pid, libc::SIGKILL);
             wait_gone(self.pid, PATIENCE);
         }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{alive, all_pids};
+use super::{kill_with_env, with_env};
 
 pub const BIND_INPUT: &str = env!("CARGO_BIN_EXE_bind-input");
 pub const BIND_OUTPUT: &str = env!("CARGO_BIN_EXE_bind-output");
@@ -89,11 +89,12 @@ impl Env {
 
     /// Every process whose environment names this test's runtime directory.
     pub fn processes(&self) -> Vec<i32> {
-        let me = std::process::id() as i32;
-        all_pids()
-            .into_iter()
-            .filter(|&pid| pid != me && alive(pid) && runs_in(pid, &self.dir))
-            .collect()
+        with_env(&self.marker())
+    }
+
+    /// What the environment of every process of this test holds.
+    pub(super) fn marker(&self) -> String {
+        format!("FIFOBIND_DIR={}", self.dir.display())
     }
 
     /// Waits until no process of this test runs any more.
@@ -126,15 +127,6 @@ impl Env {
     pub fn logs(&self) -> String {
         logs_in(&self.dir)
     }
-}
-
-/// Whether process `pid` has runtime directory `dir` in its environment.
-pub(super) fn runs_in(pid: i32, dir: &Path) -> bool {
-    let needle = format!("FIFOBIND_DIR={}", dir.display());
-    fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-        env.split(|&b| b == 0)
-            .any(|var| var.starts_with(needle.as_bytes()))
-    })
 }
 
 /// The logs in runtime directory `dir`, for failure messages.
@@ -173,17 +165,7 @@ fn collect(dir: &Path, found: &mut Vec<String>) {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for _ in 0..3 {
-            let procs = self.processes();
-            if procs.is_empty() {
-                break;
-            }
-            for pid in procs {
-                // SAFETY: plain kill(2).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_with_env(&self.marker());
     }
 }
 
