@@ -10,8 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use super::env::logs_in;
-use super::with_env;
-use super::{Env, PATIENCE, alive, kill, wait_gone};
+use super::{Env, PATIENCE, alive, kill, wait_gone, with_env};
 
 /// A daemonized binding: its PID, and the FIFO and claim it owns.
 #[derive(Debug)]
