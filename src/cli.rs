@@ -14,7 +14,7 @@ use clap::Parser;
 use std::path::PathBuf;
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::Common;
+use crate::binding::BindingOptions;
 use crate::error::{Error, ExitStatus, Result};
 use crate::input::InputOptions;
 use crate::master::MasterOptions;
@@ -85,26 +85,26 @@ fn seconds_or_zero(s: &str) -> std::result::Result<Duration, String> {
 
 /// Options shared by the two binding commands.
 #[derive(clap::Args, Debug)]
-pub struct CommonArgs {
+pub(crate) struct CommonArgs {
     /// Stay in the foreground: print the PID once ready, keep running, log
     /// to stderr (for supervisors such as systemd, a pool or a master)
     #[arg(short = 'f', long)]
-    pub foreground: bool,
+    pub(crate) foreground: bool,
 
     /// Close properly when this inherited descriptor (a pipe's read end)
     /// reaches end-of-file, i.e. when the process holding its write end dies
     #[arg(long, value_name = "FD")]
-    pub watchdog_fd: Option<RawFd>,
+    pub(crate) watchdog_fd: Option<RawFd>,
 
     /// With --foreground: write a newline to this inherited descriptor once
     /// ready, then close it (s6's notification-fd)
     #[arg(long, value_name = "FD", requires = "foreground")]
-    pub ready_fd: Option<RawFd>,
+    pub(crate) ready_fd: Option<RawFd>,
 }
 
-impl From<CommonArgs> for Common {
-    fn from(a: CommonArgs) -> Common {
-        Common {
+impl From<CommonArgs> for BindingOptions {
+    fn from(a: CommonArgs) -> BindingOptions {
+        BindingOptions {
             foreground: a.foreground,
             watchdog_fd: a.watchdog_fd,
             ready_fd: a.ready_fd,
@@ -119,54 +119,54 @@ impl From<CommonArgs> for Common {
 pub struct BindInput {
     /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
     #[arg(value_name = "ID")]
-    pub id: Id,
+    pub(crate) id: Id,
 
     /// The TCP port to listen on, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Listen on this local address only (default: every address, IPv4 and
     /// IPv6)
     #[arg(short, long, value_name = "ADDR")]
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
 
     /// Serve a single connection; once it has ended and the FIFO has been
     /// read empty, remove the FIFO and exit
     #[arg(long)]
-    pub once: bool,
+    pub(crate) once: bool,
 
     /// Accept connections from these addresses only (ADDR or ADDR/PREFIX;
     /// repeat the option or separate with commas); others are closed at once
     #[arg(long, value_name = "ADDR[/PREFIX]", value_delimiter = ',')]
-    pub allow: Vec<crate::net::Allow>,
+    pub(crate) allow: Vec<crate::net::Allow>,
 
     /// Serve at most N connections at once; further ones wait in the
     /// listen backlog (0: no limit)
     #[arg(long, value_name = "N", default_value = "128")]
-    pub max_conns: usize,
+    pub(crate) max_conns: usize,
 
     /// Serve at most N connections from one address at once; further ones
     /// from it are closed at once (0: no limit)
     #[arg(long, value_name = "N", default_value = "0")]
-    pub max_conns_per_addr: usize,
+    pub(crate) max_conns_per_addr: usize,
 
     /// Close a connection that has sent nothing within SECS seconds of
     /// connecting (0: never; default 60, never with --once)
     #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
 
     /// Let a connection hold the FIFO in the middle of a line for SECS
     /// seconds of waiting for its rest; then complete the line and close
     /// the connection (0: no limit; default 10, none with --once)
     #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
-    pub line_timeout: Option<Duration>,
+    pub(crate) line_timeout: Option<Duration>,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds
     #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
-    pub accept_timeout: Option<Duration>,
+    pub(crate) accept_timeout: Option<Duration>,
 
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 impl From<BindInput> for InputOptions {
@@ -202,22 +202,22 @@ impl From<BindInput> for InputOptions {
 pub struct BindOutput {
     /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
     #[arg(value_name = "ID")]
-    pub id: Id,
+    pub(crate) id: Id,
 
     /// The host to connect to: a name, an IPv4 or an IPv6 address
     #[arg(value_name = "HOST")]
-    pub host: Host,
+    pub(crate) host: Host,
 
     /// The remote TCP port, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Give up connecting after SECS seconds (status 75)
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 impl From<BindOutput> for OutputOptions {
@@ -233,29 +233,29 @@ impl From<BindOutput> for OutputOptions {
 }
 
 /// The environment variable a KEY of `-` is read from.
-pub const ENV_KEY: &str = "FIFOBIND_KEY";
+pub(crate) const ENV_KEY: &str = "FIFOBIND_KEY";
 
 /// Options for the shared key, common to pool and master.
 #[derive(clap::Args, Debug)]
-pub struct KeyArgs {
+pub(crate) struct KeyArgs {
     /// The shared key. `-` takes it from --key-file, else from the
     /// FIFOBIND_KEY environment variable, so that it never shows in the
     /// process list
     #[arg(value_name = "KEY")]
-    pub key: String,
+    pub(crate) key: String,
 
     /// With KEY `-`: read the key from FILE (its first line)
     #[arg(long, value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
 
     /// Seconds allowed for each step of the protocol exchange
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// The longest first line a key file may have: a key is a password, not
 /// a file to load whole (`--key-file /dev/zero` must not fill memory).
-pub const MAX_KEY_LINE: usize = 4096;
+pub(crate) const MAX_KEY_LINE: usize = 4096;
 
 impl KeyArgs {
     /// The key, from where the arguments say it is. Holding the key, the
@@ -263,7 +263,7 @@ impl KeyArgs {
     /// processes of the user) and `FIFOBIND_KEY` leaves its environment,
     /// so that no binding, daemon or daemon's child inherits it. Called
     /// from a main before any thread is started.
-    pub fn resolve(&self) -> Result<Key> {
+    pub(crate) fn resolve(&self) -> Result<Key> {
         let bytes = match (self.key.as_str(), &self.key_file) {
             ("-", Some(file)) => read_key_file(file)?,
             ("-", None) => match std::env::var_os(ENV_KEY) {
@@ -363,29 +363,29 @@ fn port_range(s: &str) -> std::result::Result<(u16, u16), String> {
 #[command(name = "pool", version)]
 pub struct Pool {
     #[command(flatten)]
-    pub key: KeyArgs,
+    pub(crate) key: KeyArgs,
 
     /// The TCP port to wait for a master on, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Listen (and bind the daemons' ports) on this local address only
     #[arg(short, long, value_name = "ADDR")]
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
 
     /// The ports the daemons' bindings are chosen from (the default stays
     /// below the kernel's ephemeral range, 32768 and up)
     #[arg(long, value_name = "LOW-HIGH", value_parser = port_range, default_value = "20000-32767")]
-    pub ports: (u16, u16),
+    pub(crate) ports: (u16, u16),
 
     /// Seconds a daemon's binding waits for the master's connection
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
-    pub accept_timeout: Duration,
+    pub(crate) accept_timeout: Duration,
 
     /// Write a newline to this inherited descriptor once listening, then
     /// close it (s6's notification-fd)
     #[arg(long, value_name = "FD")]
-    pub ready_fd: Option<RawFd>,
+    pub(crate) ready_fd: Option<RawFd>,
 }
 
 impl Pool {
@@ -411,24 +411,24 @@ impl Pool {
 #[command(name = "master", version)]
 pub struct Master {
     #[command(flatten)]
-    pub key: KeyArgs,
+    pub(crate) key: KeyArgs,
 
     /// The host the pool runs on: a name, an IPv4 or an IPv6 address
     #[arg(value_name = "HOST")]
-    pub host: Host,
+    pub(crate) host: Host,
 
     /// The pool's TCP port, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// The directory of daemons: every executable file in it is run
     #[arg(value_name = "DDIR")]
-    pub ddir: PathBuf,
+    pub(crate) ddir: PathBuf,
 
     /// Give up connecting (to the pool, and to each daemon's port) after
     /// SECS seconds
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 impl Master {

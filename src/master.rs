@@ -23,9 +23,9 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::{IN, PollSet};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::protocol::{self, Conn};
 use crate::registry::Kind;
@@ -33,17 +33,17 @@ use crate::signals;
 use crate::supervise::{GRACE, Owner, START_LIMIT};
 
 pub struct MasterOptions {
-    pub key: Key,
-    pub host: Host,
-    pub port: Port,
-    pub ddir: PathBuf,
-    pub connect_timeout: Duration,
-    pub step_timeout: Duration,
+    pub(crate) key: Key,
+    pub(crate) host: Host,
+    pub(crate) port: Port,
+    pub(crate) ddir: PathBuf,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) step_timeout: Duration,
 }
 
 /// The executables of `ddir`, in name order. Entries that cannot be run or
 /// whose names are not valid IDs are skipped with a warning.
-pub fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
+pub(crate) fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
     let what = || format!("cannot read daemon directory {}", ddir.display());
     let entries = fs::read_dir(ddir).map_err(|e| {
         let mut err = Error::io(what(), &e);

@@ -17,9 +17,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
+use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, OUT, PollSet, TROUBLE};
 
 /// The most one splice(2) call moves: the FIFO's whole capacity.
 const CHUNK: usize = 1 << 20;
@@ -32,11 +33,11 @@ const UNSENT_LIMIT: u32 = 16 * 1024;
 const FLUSH_LIMIT: Duration = Duration::from_millis(900);
 
 pub struct OutputOptions {
-    pub id: Id,
-    pub host: Host,
-    pub port: Port,
-    pub connect_timeout: Duration,
-    pub common: Common,
+    pub(crate) id: Id,
+    pub(crate) host: Host,
+    pub(crate) port: Port,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) common: BindingOptions,
 }
 
 pub fn run(opts: OutputOptions) -> Result<()> {
@@ -77,7 +78,7 @@ pub fn run(opts: OutputOptions) -> Result<()> {
         );
         crate::status::peer_added(&peer);
         binding.ready(ready);
-        let mut relay = Relay {
+        let mut relay = Outbound {
             binding,
             stream,
             peer,
@@ -88,7 +89,7 @@ pub fn run(opts: OutputOptions) -> Result<()> {
     })
 }
 
-struct Relay<'a> {
+struct Outbound<'a> {
     binding: &'a mut Binding,
     stream: TcpStream,
     peer: String,
@@ -118,8 +119,8 @@ enum Phase {
     Flushing(Instant),
 }
 
-impl Relay<'_> {
-    fn serve(&mut self, stop: &Stop) -> Result<()> {
+impl Outbound<'_> {
+    fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let mut phase = Phase::Running;
         let mut set = PollSet::default();
         loop {

@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{IN, PollSet};
 use crate::claim;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, PollSet};
 use crate::protocol::{self, Conn, Failure, Message};
 use crate::runtime_dir::RuntimeDir;
 use crate::supervise::{Owner, START_LIMIT};
@@ -41,12 +41,12 @@ const BUSY: &[u8] = b"ERR busy: too many connections\n";
 const PORT_TRIES: usize = 64;
 
 pub struct PoolOptions {
-    pub key: Key,
-    pub port: Port,
-    pub bind: Option<IpAddr>,
-    pub ports: (u16, u16),
-    pub accept_timeout: Duration,
-    pub step_timeout: Duration,
+    pub(crate) key: Key,
+    pub(crate) port: Port,
+    pub(crate) bind: Option<IpAddr>,
+    pub(crate) ports: (u16, u16),
+    pub(crate) accept_timeout: Duration,
+    pub(crate) step_timeout: Duration,
 }
 
 /// What the handshake threads share with the main thread.
@@ -115,6 +115,7 @@ impl Door {
     /// One connection's handshake, on a thread of its own; an admitted
     /// master goes to the main thread.
     fn handshake(&self, stream: TcpStream, peer: SocketAddr, token: u64) {
+        let peer = net::unmapped(peer);
         let mut admitted = false;
         let result = Conn::new(stream, self.step)
             .map_err(Failure::Io)
@@ -377,7 +378,7 @@ fn refusal(dir: &RuntimeDir, name: &Id, err: Error) -> Error {
 
 fn accept(door: &Arc<Door>, listener: &TcpListener) {
     loop {
-        let (stream, peer) = match listener.accept() {
+        let (stream, peer) = match listener.accept().map(|(s, p)| (s, net::unmapped(p))) {
             Ok(pair) => pair,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
