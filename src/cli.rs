@@ -232,6 +232,116 @@ impl From<BindOutput> for OutputOptions {
     }
 }
 
+/// A binding a pool or master starts as its child, held as the clap type
+/// its command line parses into: a renamed or removed flag then breaks the
+/// build or the round-trip test below, never a pool at run time.
+pub(crate) enum ChildBinding {
+    Input(BindInput),
+    Output(BindOutput),
+}
+
+impl ChildBinding {
+    /// `bind-input ID PORT` with every option at its default.
+    pub(crate) fn input(id: &Id, port: Port) -> BindInput {
+        BindInput::try_parse_from(["bind-input", id.as_str(), &port.to_string()])
+            .expect("a valid ID and port parse")
+    }
+
+    /// `bind-output ID HOST PORT` with every option at its default.
+    pub(crate) fn output(id: &Id, host: &Host, port: Port) -> BindOutput {
+        BindOutput::try_parse_from(["bind-output", id.as_str(), host.as_str(), &port.to_string()])
+            .expect("a valid ID, host and port parse")
+    }
+
+    pub(crate) fn program(&self) -> &'static str {
+        match self {
+            ChildBinding::Input(_) => "bind-input",
+            ChildBinding::Output(_) => "bind-output",
+        }
+    }
+
+    pub(crate) fn common_mut(&mut self) -> &mut CommonArgs {
+        match self {
+            ChildBinding::Input(b) => &mut b.common,
+            ChildBinding::Output(b) => &mut b.common,
+        }
+    }
+
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        match self {
+            ChildBinding::Input(b) => b.to_args(),
+            ChildBinding::Output(b) => b.to_args(),
+        }
+    }
+}
+
+/// Builds an argument list, flag by flag.
+#[derive(Default)]
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&mut self, name: &str, on: bool) {
+        if on {
+            self.0.push(name.to_string());
+        }
+    }
+
+    fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
+        if let Some(v) = value {
+            self.0.extend([name.to_string(), v.to_string()]);
+        }
+    }
+
+    fn secs(&mut self, name: &str, value: Option<Duration>) {
+        self.value(name, value.map(|d| d.as_secs_f64()));
+    }
+}
+
+impl CommonArgs {
+    fn push_args(&self, a: &mut Args) {
+        a.flag("--foreground", self.foreground);
+        a.value("--watchdog-fd", self.watchdog_fd);
+        a.value("--ready-fd", self.ready_fd);
+    }
+}
+
+impl BindInput {
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.value("--bind", self.bind);
+        a.flag("--once", self.once);
+        for allow in &self.allow {
+            a.value("--allow", Some(allow));
+        }
+        a.value("--max-conns", Some(self.max_conns));
+        a.value("--max-conns-per-addr", Some(self.max_conns_per_addr));
+        a.secs("--idle-timeout", self.idle_timeout);
+        a.secs("--line-timeout", self.line_timeout);
+        a.secs("--accept-timeout", self.accept_timeout);
+        self.common.push_args(&mut a);
+        a.0.extend([self.id.to_string(), self.port.to_string()]);
+        a.0
+    }
+}
+
+impl BindOutput {
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.secs("--connect-timeout", Some(self.connect_timeout));
+        self.common.push_args(&mut a);
+        a.0.extend([
+            self.id.to_string(),
+            self.host.to_string(),
+            self.port.to_string(),
+        ]);
+        a.0
+    }
+}
+
 /// The environment variable a KEY of `-` is read from.
 pub(crate) const ENV_KEY: &str = "FIFOBIND_KEY";
 
@@ -444,5 +554,78 @@ impl Master {
             connect_timeout: self.connect_timeout,
             step_timeout: self.key.timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod to_args_tests {
+    use super::*;
+
+    /// What a pool or master builds parses back to the same thing.
+    #[test]
+    fn child_command_lines_round_trip() {
+        let inputs: [&[&str]; 4] = [
+            &["in1", "9999"],
+            &[
+                "--once",
+                "--allow",
+                "127.0.0.1",
+                "--allow",
+                "10.0.0.0/8",
+                "--accept-timeout",
+                "2.5",
+                "d",
+                "20001",
+            ],
+            &[
+                "-b",
+                "::1",
+                "--max-conns",
+                "5",
+                "--max-conns-per-addr",
+                "2",
+                "--idle-timeout",
+                "0",
+                "--line-timeout",
+                "0.25",
+                "x",
+                "1024",
+            ],
+            &[
+                "-f",
+                "--watchdog-fd",
+                "7",
+                "--ready-fd",
+                "9",
+                "y.z",
+                "49151",
+            ],
+        ];
+        for args in inputs {
+            let first = BindInput::try_parse_from(
+                std::iter::once("bind-input").chain(args.iter().copied()),
+            )
+            .unwrap();
+            let again = BindInput::try_parse_from(
+                std::iter::once("bind-input".to_string()).chain(first.to_args()),
+            )
+            .unwrap();
+            assert_eq!(format!("{first:?}"), format!("{again:?}"), "{args:?}");
+        }
+        let outputs: [&[&str]; 2] = [
+            &["out1", "localhost", "9999"],
+            &["-t", "0.5", "-f", "--watchdog-fd", "3", "o", "::1", "20000"],
+        ];
+        for args in outputs {
+            let first = BindOutput::try_parse_from(
+                std::iter::once("bind-output").chain(args.iter().copied()),
+            )
+            .unwrap();
+            let again = BindOutput::try_parse_from(
+                std::iter::once("bind-output".to_string()).chain(first.to_args()),
+            )
+            .unwrap();
+            assert_eq!(format!("{first:?}"), format!("{again:?}"), "{args:?}");
+        }
     }
 }

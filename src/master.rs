@@ -23,6 +23,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::args::{Host, Id, Key, Port};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::poll::{IN, PollSet};
@@ -267,16 +268,11 @@ fn start_daemon(
     ddir: &Path,
     port: Port,
 ) -> Result<Daemon> {
-    let args = vec![
-        "--connect-timeout".to_string(),
-        opts.connect_timeout.as_secs_f64().to_string(),
-        name.to_string(),
-        opts.host.to_string(),
-        port.to_string(),
-    ];
+    let mut child = ChildBinding::output(name, &opts.host, port);
+    child.connect_timeout = opts.connect_timeout;
     // It connects before it is ready.
     let limit = opts.connect_timeout + START_LIMIT;
-    let binding = owner.start_binding("bind-output", &args, name, limit)?;
+    let binding = owner.start_binding(ChildBinding::Output(child), name, limit)?;
     let fifo_path = owner.binding_dir().fifo(name);
     // The binding holds its FIFO open read-write: this open returns at
     // once.

@@ -243,6 +243,15 @@ fn masked(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
     prefix == 0 || (net >> shift) == (ip >> shift)
 }
 
+impl From<IpAddr> for Allow {
+    /// Exactly this address (an IPv4-mapped one as its IPv4 address).
+    fn from(addr: IpAddr) -> Allow {
+        let addr = canonical(addr);
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Allow { addr, prefix }
+    }
+}
+
 impl std::str::FromStr for Allow {
     type Err = String;
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use crate::args::{Id, Key, Port};
 use crate::claim;
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::poll::{IN, PollSet};
@@ -328,20 +329,14 @@ impl Pool {
             if net::listen(self.opts.bind, port).is_err() {
                 continue;
             }
-            let mut args = vec![
-                "--once".to_string(),
-                "--allow".to_string(),
-                master.to_string(),
-                "--accept-timeout".to_string(),
-                self.opts.accept_timeout.as_secs_f64().to_string(),
-            ];
-            if let Some(bind) = self.opts.bind {
-                args.extend(["--bind".to_string(), bind.to_string()]);
-            }
-            args.extend([name.to_string(), port.to_string()]);
+            let mut child = ChildBinding::input(name, port);
+            child.once = true;
+            child.allow = vec![net::Allow::from(master)];
+            child.accept_timeout = Some(self.opts.accept_timeout);
+            child.bind = self.opts.bind;
             match self
                 .owner
-                .start_binding("bind-input", &args, name, START_LIMIT)
+                .start_binding(ChildBinding::Input(child), name, START_LIMIT)
             {
                 Ok(_) => {
                     let fifo = self.owner.dir.fifo(name);

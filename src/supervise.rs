@@ -35,6 +35,7 @@ use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use crate::args::Id;
 use crate::claim::{Claim, Refused};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
@@ -171,18 +172,18 @@ impl Owner {
     /// signal's status).
     pub(crate) fn start_binding(
         &mut self,
-        program: &str,
-        args: &[String],
+        mut child: ChildBinding,
         name: &Id,
         limit: Duration,
     ) -> Result<ProcessId> {
         let fd = self.watchdog.read.as_raw_fd();
+        let common = child.common_mut();
+        common.foreground = true;
+        common.watchdog_fd = Some(fd);
+        let args = child.to_args();
+        let program = child.program();
         let mut cmd = Command::new(sibling(program));
-        cmd.arg("--foreground")
-            .arg("--watchdog-fd")
-            .arg(fd.to_string())
-            .args(args)
-            .env(ENV_DIR, self.binding_dir().path());
+        cmd.args(&args).env(ENV_DIR, self.binding_dir().path());
         // SAFETY: fcntl and sigprocmask are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
