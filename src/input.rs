@@ -27,18 +27,19 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
+use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
 use crate::error::{Error, ExitStatus, Result};
 use crate::fifo::Fifo;
 use crate::framer::{LineBuffer, PipeRoom};
 use crate::net::{self, Allow};
+use crate::poll::{IN, OUT, PollSet, TROUBLE};
 use crate::secure::{self, Channel, Frame, Hello, Purpose, Side};
 use crate::stream::{self, Streams};
 
 /// A connection's buffer, and so the longest line delivered with a single
 /// write(2). A longer line is passed on in pieces as it arrives, still
 /// intact and never interleaved with other lines.
-pub const LINE_BUFFER: usize = 128 * 1024;
+pub(crate) const LINE_BUFFER: usize = 128 * 1024;
 /// A connection whose reads keep filling its buffer (a bulk sender) gets
 /// a buffer this large, for fewer calls per byte; at most
 /// [`MAX_GROWN`] connections at once, so memory stays bounded.
@@ -48,8 +49,10 @@ const MAX_GROWN: usize = 8;
 static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
+/// The default `--line-timeout` (without `--once`).
+pub(crate) const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default `--idle-timeout` (without `--once`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After running out of descriptors, accepting is retried when a
 /// connection ends, or after this long if none does.
 const ACCEPT_RETRY: Duration = Duration::from_secs(1);
@@ -63,29 +66,29 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_COUNT: u32 = 5;
 
 pub struct InputOptions {
-    pub id: Id,
-    pub port: Port,
+    pub(crate) id: Id,
+    pub(crate) port: Port,
     /// Listen on this address only.
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
     /// Serve one connection; end once it ended and the FIFO was read empty.
-    pub once: bool,
+    pub(crate) once: bool,
     /// Accept connections from these addresses only (empty: any).
-    pub allow: Vec<Allow>,
+    pub(crate) allow: Vec<Allow>,
     /// With `once`: give up if nobody connected within this time.
-    pub accept_timeout: Option<Duration>,
+    pub(crate) accept_timeout: Option<Duration>,
     /// Connections served at once (0: no limit); more wait in the backlog.
-    pub max_conns: usize,
+    pub(crate) max_conns: usize,
     /// Connections served at once from one address (0: no limit); more
     /// from it are closed at once.
-    pub max_conns_per_addr: usize,
+    pub(crate) max_conns_per_addr: usize,
     /// Close a connection that sent nothing this long after it was accepted.
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     /// How long a connection may keep the FIFO mid-line waiting for the
     /// rest of its line.
-    pub line_timeout: Option<Duration>,
+    pub(crate) line_timeout: Option<Duration>,
     /// Speak the stream protocol with this secret (see stream.rs).
-    pub key: Option<Key>,
-    pub common: Common,
+    pub(crate) key: Option<Key>,
+    pub(crate) common: BindingOptions,
 }
 
 /// The most sealed bytes a keyed connection holds before they are opened:
@@ -124,7 +127,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             .ok()
             .flatten()
             .map_or(4096, |p| p as usize);
-        let mut relay = Relay {
+        let mut relay = Inbound {
             binding,
             listener: Some(listener),
             conns: Vec::new(),
@@ -187,11 +190,11 @@ fn plan(room_model: &mut PipeRoom, fifo: &Fifo, chunk: &[u8], mid_line: bool) ->
 
 /// The longest line the binding writes whole whatever the FIFO's fill: a
 /// connection's buffer, or the FIFO's capacity if that is smaller.
-pub fn atomic_size(capacity: usize) -> usize {
+pub(crate) fn atomic_size(capacity: usize) -> usize {
     LINE_BUFFER.min(capacity)
 }
 
-struct Conn {
+struct Client {
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
@@ -264,9 +267,9 @@ impl Keyed {
     }
 }
 
-impl Conn {
-    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Conn {
-        Conn {
+impl Client {
+    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Client {
+        Client {
             token,
             stream,
             peer,
@@ -357,7 +360,7 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for Client {
     fn drop(&mut self) {
         if self.lines.capacity() == BULK_BUFFER {
             GROWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -376,10 +379,10 @@ enum Plan {
     Wait,
 }
 
-struct Relay<'a> {
+struct Inbound<'a> {
     binding: &'a mut Binding,
     listener: Option<TcpListener>,
-    conns: Vec<Conn>,
+    conns: Vec<Client>,
     /// Connections served now, per (canonical) client address.
     per_addr: std::collections::HashMap<IpAddr, usize>,
     owner: Option<u64>,
@@ -414,8 +417,8 @@ struct Relay<'a> {
     opts: &'a InputOptions,
 }
 
-impl Relay<'_> {
-    fn serve(&mut self, stop: &Stop) -> Result<()> {
+impl Inbound<'_> {
+    fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let started = Instant::now();
         let mut set = PollSet::default();
         loop {
@@ -789,7 +792,7 @@ impl Relay<'_> {
             }
             self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
-            let mut conn = Conn::new(self.next_token, stream, peer, self.opts.key.as_ref());
+            let mut conn = Client::new(self.next_token, stream, peer, self.opts.key.as_ref());
             // Our greeting: a fresh socket takes it whole.
             conn.flush();
             self.conns.push(conn);

@@ -23,9 +23,10 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::{IN, PollSet};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::protocol::{self, Conn};
 use crate::registry::Kind;
@@ -33,17 +34,17 @@ use crate::signals;
 use crate::supervise::{GRACE, Owner, START_LIMIT};
 
 pub struct MasterOptions {
-    pub key: Key,
-    pub host: Host,
-    pub port: Port,
-    pub ddir: PathBuf,
-    pub connect_timeout: Duration,
-    pub step_timeout: Duration,
+    pub(crate) key: Key,
+    pub(crate) host: Host,
+    pub(crate) port: Port,
+    pub(crate) ddir: PathBuf,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) step_timeout: Duration,
 }
 
 /// The executables of `ddir`, in name order. Entries that cannot be run or
 /// whose names are not valid IDs are skipped with a warning.
-pub fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
+pub(crate) fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
     let what = || format!("cannot read daemon directory {}", ddir.display());
     let entries = fs::read_dir(ddir).map_err(|e| {
         let mut err = Error::io(what(), &e);
@@ -267,16 +268,11 @@ fn start_daemon(
     ddir: &Path,
     port: Port,
 ) -> Result<Daemon> {
-    let args = vec![
-        "--connect-timeout".to_string(),
-        opts.connect_timeout.as_secs_f64().to_string(),
-        name.to_string(),
-        opts.host.to_string(),
-        port.to_string(),
-    ];
+    let mut child = ChildBinding::output(name, &opts.host, port);
+    child.connect_timeout = opts.connect_timeout;
     // It connects before it is ready.
     let limit = opts.connect_timeout + START_LIMIT;
-    let binding = owner.start_binding("bind-output", &args, name, limit)?;
+    let binding = owner.start_binding(ChildBinding::Output(child), name, limit)?;
     let fifo_path = owner.binding_dir().fifo(name);
     // The binding holds its FIFO open read-write: this open returns at
     // once.

@@ -24,10 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{IN, PollSet};
 use crate::claim;
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, PollSet};
 use crate::protocol::{self, Conn, Failure, Message};
 use crate::runtime_dir::RuntimeDir;
 use crate::supervise::{Owner, START_LIMIT};
@@ -41,12 +42,12 @@ const BUSY: &[u8] = b"ERR busy: too many connections\n";
 const PORT_TRIES: usize = 64;
 
 pub struct PoolOptions {
-    pub key: Key,
-    pub port: Port,
-    pub bind: Option<IpAddr>,
-    pub ports: (u16, u16),
-    pub accept_timeout: Duration,
-    pub step_timeout: Duration,
+    pub(crate) key: Key,
+    pub(crate) port: Port,
+    pub(crate) bind: Option<IpAddr>,
+    pub(crate) ports: (u16, u16),
+    pub(crate) accept_timeout: Duration,
+    pub(crate) step_timeout: Duration,
 }
 
 /// What the handshake threads share with the main thread.
@@ -115,6 +116,7 @@ impl Door {
     /// One connection's handshake, on a thread of its own; an admitted
     /// master goes to the main thread.
     fn handshake(&self, stream: TcpStream, peer: SocketAddr, token: u64) {
+        let peer = net::unmapped(peer);
         let mut admitted = false;
         let result = Conn::new(stream, self.step)
             .map_err(Failure::Io)
@@ -327,20 +329,14 @@ impl Pool {
             if net::listen(self.opts.bind, port).is_err() {
                 continue;
             }
-            let mut args = vec![
-                "--once".to_string(),
-                "--allow".to_string(),
-                master.to_string(),
-                "--accept-timeout".to_string(),
-                self.opts.accept_timeout.as_secs_f64().to_string(),
-            ];
-            if let Some(bind) = self.opts.bind {
-                args.extend(["--bind".to_string(), bind.to_string()]);
-            }
-            args.extend([name.to_string(), port.to_string()]);
+            let mut child = ChildBinding::input(name, port);
+            child.once = true;
+            child.allow = vec![net::Allow::from(master)];
+            child.accept_timeout = Some(self.opts.accept_timeout);
+            child.bind = self.opts.bind;
             match self
                 .owner
-                .start_binding("bind-input", &args, name, START_LIMIT)
+                .start_binding(ChildBinding::Input(child), name, START_LIMIT)
             {
                 Ok(_) => {
                     let fifo = self.owner.dir.fifo(name);
@@ -377,7 +373,7 @@ fn refusal(dir: &RuntimeDir, name: &Id, err: Error) -> Error {
 
 fn accept(door: &Arc<Door>, listener: &TcpListener) {
     loop {
-        let (stream, peer) = match listener.accept() {
+        let (stream, peer) = match listener.accept().map(|(s, p)| (s, net::unmapped(p))) {
             Ok(pair) => pair,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {

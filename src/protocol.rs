@@ -37,18 +37,18 @@ use hmac::{KeyInit, Mac};
 use nix::sys::signal::Signal;
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{IN, PollSet};
 use crate::error::{Error, ExitStatus};
+use crate::poll::{IN, PollSet};
 use crate::signals::Signals;
 
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 /// The longest line either side accepts, newline included.
-pub const MAX_LINE: usize = 512;
+pub(crate) const MAX_LINE: usize = 512;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     Challenge {
         version: u32,
         nonce: String,
@@ -113,7 +113,7 @@ fn clip(s: &str) -> String {
 
 impl Message {
     /// Parses one line (without its newline).
-    pub fn parse(line: &str) -> Result<Message, String> {
+    pub(crate) fn parse(line: &str) -> Result<Message, String> {
         let words: Vec<&str> = line.split(' ').collect();
         let version = |w: &str| -> Result<u32, String> {
             match w.parse::<u32>() {
@@ -196,7 +196,7 @@ impl fmt::Display for Failure {
 
 impl Failure {
     /// The error of a command whose exchange with `peer` failed so.
-    pub fn at(self, peer: impl fmt::Display) -> Error {
+    pub(crate) fn at(self, peer: impl fmt::Display) -> Error {
         let mut err = Error::from(self);
         if !err.message.is_empty() {
             err.message = format!("{peer}: {}", err.message);
@@ -227,7 +227,7 @@ impl From<Failure> for Error {
 }
 
 /// One side of a protocol connection: framed lines with limits.
-pub struct Conn {
+pub(crate) struct Conn {
     reader: BufReader<Deadlined>,
     writer: TcpStream,
     step: Duration,
@@ -275,7 +275,7 @@ impl Read for Deadlined {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, step: Duration) -> io::Result<Conn> {
+    pub(crate) fn new(stream: TcpStream, step: Duration) -> io::Result<Conn> {
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(step))?;
         let _ = stream.set_nodelay(true);
@@ -295,24 +295,24 @@ impl Conn {
 
     /// Makes every wait for the peer end as soon as one of `signals`
     /// comes, with [`Failure::Stopped`].
-    pub fn stop_on(&mut self, signals: Signals) {
+    pub(crate) fn stop_on(&mut self, signals: Signals) {
         self.reader.get_mut().stop = Some(signals);
     }
 
     /// True when a line (or part of one) is already read in: the socket
     /// may say nothing more, yet [`Conn::recv`] has something to return.
-    pub fn has_buffered(&self) -> bool {
+    pub(crate) fn has_buffered(&self) -> bool {
         !self.reader.buffer().is_empty()
     }
 
-    pub fn send(&mut self, msg: &Message) -> Result<(), Failure> {
+    pub(crate) fn send(&mut self, msg: &Message) -> Result<(), Failure> {
         self.writer
             .write_all(format!("{msg}\n").as_bytes())
             .map_err(Failure::Io)
     }
 
     /// Sends an error line, ignoring failure: the connection closes next.
-    pub fn refuse(&mut self, reason: &str) {
+    pub(crate) fn refuse(&mut self, reason: &str) {
         let _ = self.send(&Message::Err {
             reason: reason.to_string(),
         });
@@ -320,7 +320,7 @@ impl Conn {
 
     /// Reads the next message, which must arrive whole within the step
     /// timeout; an `ERR` line becomes [`Failure::Refused`].
-    pub fn recv(&mut self) -> Result<Message, Failure> {
+    pub(crate) fn recv(&mut self) -> Result<Message, Failure> {
         self.reader.get_mut().deadline = Instant::now() + self.step;
         let line = read_line(&mut self.reader);
         if let Some(sig) = self.reader.get_mut().stopped.take() {
@@ -343,7 +343,7 @@ impl AsFd for Conn {
 // so that another version can replace it whole.
 
 /// The master's side: answers the pool's challenge and checks its proof.
-pub fn authenticate(conn: &mut Conn, key: &Key) -> Result<(), Failure> {
+pub(crate) fn authenticate(conn: &mut Conn, key: &Key) -> Result<(), Failure> {
     let nonce = match conn.recv()? {
         Message::Challenge { nonce, .. } => nonce,
         other => {
@@ -373,7 +373,7 @@ pub fn authenticate(conn: &mut Conn, key: &Key) -> Result<(), Failure> {
 /// The pool's side: challenges the master and checks its answer; then
 /// `admit` says whether it can be served now (the reason why not is sent
 /// as `ERR`), and the pool proves it knows the key too.
-pub fn challenge(
+pub(crate) fn challenge(
     conn: &mut Conn,
     key: &Key,
     admit: impl FnOnce() -> Result<(), String>,
@@ -414,7 +414,7 @@ pub fn challenge(
 }
 
 /// The master asks for the port of daemon `name`'s binding.
-pub fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
+pub(crate) fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
     conn.send(&Message::Daemon { name: name.clone() })?;
     match conn.recv()? {
         Message::Port { port } => Ok(port),
@@ -426,7 +426,7 @@ pub fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
 
 /// The master ends its session. The pool's BYE is only logged if missing:
 /// everything it had to do is done.
-pub fn end(conn: &mut Conn) -> Result<(), Failure> {
+pub(crate) fn end(conn: &mut Conn) -> Result<(), Failure> {
     conn.send(&Message::End)?;
     match conn.recv() {
         Ok(Message::Bye) => {}
@@ -437,7 +437,7 @@ pub fn end(conn: &mut Conn) -> Result<(), Failure> {
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes and checks its bytes.
-pub fn read_line<R: Read>(reader: &mut BufReader<R>) -> Result<String, Failure> {
+pub(crate) fn read_line<R: Read>(reader: &mut BufReader<R>) -> Result<String, Failure> {
     let mut line = Vec::with_capacity(64);
     let n = reader
         .by_ref()
@@ -463,7 +463,7 @@ pub fn read_line<R: Read>(reader: &mut BufReader<R>) -> Result<String, Failure> 
 }
 
 /// Only printable ASCII and spaces: no NUL, no stray CR, no control bytes.
-pub fn check_line(line: &[u8]) -> Result<(), Failure> {
+pub(crate) fn check_line(line: &[u8]) -> Result<(), Failure> {
     match line.iter().find(|&&b| !(b' '..=b'~').contains(&b)) {
         None => Ok(()),
         Some(b) => Err(Failure::Protocol(format!(
@@ -487,7 +487,7 @@ pub fn mac(key: &Key, role: &str, nonce: &str, cnonce: &str) -> String {
 }
 
 /// Checks a received MAC in constant time.
-pub fn verify(key: &Key, role: &str, nonce: &str, cnonce: &str, received: &str) -> bool {
+pub(crate) fn verify(key: &Key, role: &str, nonce: &str, cnonce: &str, received: &str) -> bool {
     let Ok(tag) = hex::decode(received) else {
         return false;
     };

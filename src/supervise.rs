@@ -34,9 +34,10 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use crate::args::Id;
-use crate::binding::{IN, PollSet};
 use crate::claim::{Claim, Refused};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::protocol::Conn;
 use crate::registry::{self, Entry, Kind, Registry};
@@ -45,24 +46,24 @@ use crate::signals::Signals;
 use crate::sweep;
 
 /// How long children get to stop after SIGTERM before SIGKILL.
-pub const GRACE: Duration = Duration::from_millis(1500);
+pub(crate) const GRACE: Duration = Duration::from_millis(1500);
 /// How long a binding may take to say it is ready, beyond the time it is
 /// given to connect (pool(1), master(1)).
-pub const START_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const START_LIMIT: Duration = Duration::from_secs(10);
 
 /// A running pool or master: its bookkeeping and its children.
-pub struct Owner {
+pub(crate) struct Owner {
     /// The runtime directory.
-    pub dir: RuntimeDir,
+    pub(crate) dir: RuntimeDir,
     /// `ROLE@PID`: the name its bookkeeping files go under.
-    pub name: String,
+    pub(crate) name: String,
     /// Where its bindings go: a private directory for a master, so that
     /// its bindings never clash with a pool's; else `dir`.
-    pub session: Option<RuntimeDir>,
+    pub(crate) session: Option<RuntimeDir>,
     /// SIGINT, SIGHUP and SIGTERM.
-    pub signals: Signals,
+    pub(crate) signals: Signals,
     /// SIGCHLD: a child has ended.
-    pub children: Signals,
+    pub(crate) children: Signals,
     /// Dropped in this order: the files, then the guardian.
     books: Books,
     _guardian: Guardian,
@@ -91,7 +92,7 @@ impl Drop for Books {
 impl Owner {
     /// Sets up a pool or master (`role`); `private` gives it a runtime
     /// directory of its own for its bindings.
-    pub fn new(role: &str, private: bool) -> Result<Owner> {
+    pub(crate) fn new(role: &str, private: bool) -> Result<Owner> {
         let dir = RuntimeDir::open()?;
         sweep::sweep(&dir);
         // Blocked first, so that a stop signal during the set-up waits
@@ -134,16 +135,16 @@ impl Owner {
         })
     }
 
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.books.registry
     }
 
     /// Where bindings are started.
-    pub fn binding_dir(&self) -> &RuntimeDir {
+    pub(crate) fn binding_dir(&self) -> &RuntimeDir {
         self.session.as_ref().unwrap_or(&self.dir)
     }
 
-    pub fn register(&mut self, kind: Kind, process: ProcessId, name: &Id) -> Result<()> {
+    pub(crate) fn register(&mut self, kind: Kind, process: ProcessId, name: &Id) -> Result<()> {
         self.books
             .registry
             .add(Entry {
@@ -155,12 +156,12 @@ impl Owner {
     }
 
     /// Drops `pid` from the registry: it has ended.
-    pub fn forget(&mut self, pid: i32) {
+    pub(crate) fn forget(&mut self, pid: i32) {
         let _ = self.books.registry.remove(pid);
     }
 
     /// A pending stop signal, if any.
-    pub fn stop_signal(&self) -> Option<Signal> {
+    pub(crate) fn stop_signal(&self) -> Option<Signal> {
         self.signals.next()
     }
 
@@ -169,20 +170,20 @@ impl Owner {
     /// A binding that says nothing within `limit` is stopped; so is one
     /// starting when a stop signal comes (the error then carries the
     /// signal's status).
-    pub fn start_binding(
+    pub(crate) fn start_binding(
         &mut self,
-        program: &str,
-        args: &[String],
+        mut child: ChildBinding,
         name: &Id,
         limit: Duration,
     ) -> Result<ProcessId> {
         let fd = self.watchdog.read.as_raw_fd();
+        let common = child.common_mut();
+        common.foreground = true;
+        common.watchdog_fd = Some(fd);
+        let args = child.to_args();
+        let program = child.program();
         let mut cmd = Command::new(sibling(program));
-        cmd.arg("--foreground")
-            .arg("--watchdog-fd")
-            .arg(fd.to_string())
-            .args(args)
-            .env(ENV_DIR, self.binding_dir().path());
+        cmd.args(&args).env(ENV_DIR, self.binding_dir().path());
         // SAFETY: fcntl and sigprocmask are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
@@ -201,7 +202,7 @@ impl Owner {
     /// Reaps the registered processes that have ended (a daemon once its
     /// whole group has), forgets them and returns them with how they
     /// ended, in words.
-    pub fn reap(&mut self) -> Vec<(Entry, String)> {
+    pub(crate) fn reap(&mut self) -> Vec<(Entry, String)> {
         let mut ended = Vec::new();
         for entry in self.books.registry.entries().to_vec() {
             let pid = Pid::from_raw(entry.process.pid);
@@ -223,7 +224,7 @@ impl Owner {
     /// The one stop routine: stops everything the registry names (daemons
     /// with their whole process groups) and returns only when all of it
     /// is gone, reaped and forgotten.
-    pub fn stop_all(&mut self) {
+    pub(crate) fn stop_all(&mut self) {
         let entries = self.books.registry.entries().to_vec();
         if entries.is_empty() {
             return;
@@ -236,7 +237,7 @@ impl Owner {
     }
 
     /// Makes `conn`'s waits end on a stop signal.
-    pub fn stop_on(&self, conn: &mut Conn) -> Result<()> {
+    pub(crate) fn stop_on(&self, conn: &mut Conn) -> Result<()> {
         let signals = self
             .signals
             .try_clone()
@@ -249,7 +250,7 @@ impl Owner {
     /// everything (what drop does, said out loud). A stop signal still
     /// pending after a failure is why it failed (a step that cannot wait
     /// for it, connecting, ended first): the status is the signal's.
-    pub fn finish(self, outcome: Result<()>) -> Result<()> {
+    pub(crate) fn finish(self, outcome: Result<()>) -> Result<()> {
         let outcome = match (outcome, self.stop_signal()) {
             (Err(_), Some(sig)) => Err(Error::new(ExitStatus::Signal(sig as i32), "")),
             (outcome, _) => outcome,

@@ -54,7 +54,7 @@ fn writer(
 fn read_n(path: &std::path::Path, count: usize, limit: Duration) -> Vec<String> {
     let mut text = Vec::new();
     let mut lines = 0;
-    read_chunks(path, limit, |c| {
+    read_until(open_fifo(path), limit, |c| {
         lines += c.iter().filter(|&&b| b == b'\n').count();
         text.extend_from_slice(c);
         lines < count
@@ -412,7 +412,7 @@ fn drop_oldest_drops_and_counts() {
     );
     relay.refuse(false);
     let mut got = Vec::new();
-    read_chunks(&env.fifo("in1"), PATIENCE, |c| {
+    read_until(open_fifo(&env.fifo("in1")), PATIENCE, |c| {
         got.extend_from_slice(c);
         !String::from_utf8_lossy(&got).contains(line(LINES - 1).as_str())
     });
@@ -468,7 +468,7 @@ fn plain_reconnect_outlives_nc_restarts() {
         n
     };
     let mut listener = nc();
-    let pout = env.start(
+    let guard = env.start(
         BIND_OUTPUT,
         &[
             "--reconnect",
@@ -479,6 +479,7 @@ fn plain_reconnect_outlives_nc_restarts() {
             &port,
         ],
     );
+    let pout = guard.pid;
     let rss = RssSampler::start(pout);
     for round in 0..4 {
         let mut k = 0;
