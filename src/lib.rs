@@ -19,6 +19,9 @@ pub mod framer;
 pub mod input;
 pub mod logging;
 pub mod master;
+/// The NATS commands' code (tokio, async-nats): only in their binaries.
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod net;
 pub mod notify;
 pub mod output;
