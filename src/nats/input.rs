@@ -89,6 +89,7 @@ enum Source {
     JetStream {
         messages: pull::Stream,
         position: Position,
+        resume_until: u64,
     },
 }
 
@@ -177,6 +178,32 @@ async fn serve(
                 },
                 ..Default::default()
             };
+            let mut config = config;
+            // Stream sequences up to which a delivery may be one that a
+            // killed binding of ours wrote and did not acknowledge.
+            let mut resume_until = 0;
+            if let (Some(name), None) = (&consumer, &opts.queue)
+                && let Ok(info) = stream.consumer_info(name).await
+                && info.num_ack_pending > 0
+            {
+                // A binding of this consumer died holding messages: the
+                // server would deliver them again only after ACK_WAIT, and
+                // after newer ones. The consumer's own binding (without a
+                // queue group it has one) starts it again right after the
+                // last message acknowledged, so the lines stay in order.
+                let from = info.ack_floor.stream_sequence + 1;
+                resume_until = info.delivered.stream_sequence;
+                log::info!(
+                    "consumer {name}: {} messages delivered and not acknowledged; \
+                     resuming at stream sequence {from}",
+                    info.num_ack_pending
+                );
+                stream.delete_consumer(name).await.map_err(|e| {
+                    js_error(format!("cannot restart the consumer {name}"), e)
+                })?;
+                config.deliver_policy =
+                    jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: from };
+            }
             let c: jetstream::consumer::Consumer<pull::Config> = match &consumer {
                 Some(name) => stream.get_or_create_consumer(name, config).await,
                 None => stream.create_consumer(config).await,
@@ -201,7 +228,11 @@ async fn serve(
                 &consumer_name,
             )?;
             log::info!("consumer {consumer_name} of stream {stream_name}");
-            Source::JetStream { messages, position }
+            Source::JetStream {
+                messages,
+                position,
+                resume_until,
+            }
         }
     };
     log::info!(
@@ -255,7 +286,11 @@ async fn receive(
             };
             writer.write(&message.payload, unread).await
         }
-        Source::JetStream { messages, position } => {
+        Source::JetStream {
+            messages,
+            position,
+            resume_until,
+        } => {
             let message = match messages.next().await {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
@@ -276,7 +311,7 @@ async fn receive(
                 Ok(info) => (info.stream_sequence, info.delivered),
                 Err(_) => (0, 1),
             };
-            if delivered > 1 && position.written(seq) {
+            if (delivered > 1 || seq <= *resume_until) && position.written(seq) {
                 log::info!("message {seq} was written before a restart: acknowledged only");
             } else {
                 writer.write(&message.payload, unread).await?;

@@ -170,7 +170,7 @@ async fn serve(
         identity: identity(&binding.id),
         offset: 0,
         pending: VecDeque::new(),
-        line: Vec::new(),
+        buf: Vec::new(),
         max_line,
     };
     let events = StopEvents::new(stop)?;
@@ -178,7 +178,7 @@ async fn serve(
     let mut chunk = vec![0u8; CHUNK];
     let mut draining = false;
     let reason = loop {
-        let room = publisher.pending.len() < WINDOW;
+        let room = publisher.pending.len() < WINDOW && !publisher.backlog();
         tokio::select! {
             reason = events.next(), if !draining => match reason {
                 Reason::Drain => {
@@ -189,7 +189,10 @@ async fn serve(
                 }
                 other => break other,
             },
-            acked = publisher.front_ack() => publisher.acked(acked).await?,
+            acked = publisher.front_ack() => {
+                publisher.acked(acked).await?;
+                publisher.pump().await?;
+            }
             n = events::read(&fifo, &mut chunk), if room => {
                 let n = n.map_err(|e| Error::io("cannot read the FIFO", &e))?;
                 if n == 0 {
@@ -215,15 +218,18 @@ async fn serve(
             break;
         }
         publisher.take(&chunk[..n]).await?;
-        while publisher.pending.len() >= WINDOW && Instant::now() < deadline {
+        while publisher.backlog() && Instant::now() < deadline {
             let acked = tokio::time::timeout_at(deadline.into(), publisher.front_ack()).await;
             match acked {
                 Ok(acked) => publisher.acked(acked).await?,
                 Err(_) => break,
             }
+            publisher.pump().await?;
         }
     }
-    publisher.finish_line().await?;
+    if !publisher.backlog() {
+        publisher.finish_line().await?;
+    }
     publisher.settle(Some(deadline)).await?;
     let _ = tokio::time::timeout_at(deadline.into(), publisher.flush(&client)).await;
     let lost = binding.fifo.unread() + publisher.pending.len();
@@ -240,49 +246,71 @@ struct Publisher {
     /// Bytes of lines taken so far: the next line's offset.
     offset: u64,
     pending: VecDeque<InFlight>,
-    /// The start of a line whose newline has not come yet.
-    line: Vec<u8>,
+    /// Bytes read from the FIFO and not published yet: lines waiting for
+    /// room in the window, and the start of a line whose newline has not
+    /// come yet.
+    buf: Vec<u8>,
     /// The server's largest message: a longer line goes in pieces.
     max_line: usize,
 }
 
 type AckResult =
     std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+type AckFuture = Pin<Box<dyn Future<Output = AckResult> + Send>>;
+
+/// An acknowledgement that fails, a little later: a failing server must
+/// not make the binding spin.
+fn failed(e: jetstream::context::PublishError) -> AckFuture {
+    Box::pin(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err(e)
+    })
+}
 
 impl Publisher {
-    /// Takes bytes read from the FIFO: every whole line is published.
-    async fn take(&mut self, mut bytes: &[u8]) -> Result<()> {
-        while !bytes.is_empty() {
-            match memchr::memchr(b'\n', bytes) {
-                Some(i) => {
-                    let line = if self.line.is_empty() {
-                        bytes::Bytes::copy_from_slice(&bytes[..i])
-                    } else {
-                        self.line.extend_from_slice(&bytes[..i]);
-                        bytes::Bytes::from(std::mem::take(&mut self.line))
-                    };
-                    self.publish(line, i as u64 + 1).await?;
-                    bytes = &bytes[i + 1..];
-                }
-                None => {
-                    self.line.extend_from_slice(bytes);
-                    bytes = &[];
-                }
-            }
-            while self.line.len() >= self.max_line {
-                let rest = self.line.split_off(self.max_line);
-                let piece = std::mem::replace(&mut self.line, rest);
-                let n = piece.len() as u64;
-                self.publish(piece.into(), n).await?;
-            }
+    /// Takes bytes read from the FIFO, and publishes what lines it can.
+    async fn take(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(bytes);
+        self.pump().await
+    }
+
+    /// Whether whole lines (or a piece of a line too long) wait to be
+    /// published: then the FIFO is not read further.
+    fn backlog(&self) -> bool {
+        self.buf.len() >= self.max_line || memchr::memchr(b'\n', &self.buf).is_some()
+    }
+
+    /// Publishes the whole lines taken, as long as the window has room.
+    async fn pump(&mut self) -> Result<()> {
+        let mut start = 0;
+        while self.pending.len() < WINDOW {
+            let rest = &self.buf[start..];
+            let (line, len) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], i + 1),
+                None if rest.len() >= self.max_line => (&rest[..self.max_line], self.max_line),
+                None => break,
+            };
+            let payload = bytes::Bytes::copy_from_slice(line);
+            start += len;
+            self.publish(payload, len as u64).await?;
         }
+        self.buf.drain(..start);
         Ok(())
     }
 
-    /// A last line without its newline: published as it is.
+    /// A last line without its newline: published as it is, once the
+    /// lines before it are.
     async fn finish_line(&mut self) -> Result<()> {
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
+        loop {
+            self.pump().await?;
+            if !self.backlog() {
+                break;
+            }
+            let acked = self.front_ack().await;
+            self.acked(acked).await?;
+        }
+        if !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
             let n = line.len() as u64;
             self.publish(line.into(), n).await?;
         }
@@ -301,7 +329,7 @@ impl Publisher {
                 .await
                 .map_err(|e| js_error(format!("cannot publish to {}", self.subject), e)),
             Sink::JetStream(_) => {
-                let ack = self.send(&id, payload.clone()).await;
+                let (Ok(ack) | Err(ack)) = self.send(&id, payload.clone()).await;
                 self.pending.push_back(InFlight { id, payload, ack });
                 Ok(())
             }
@@ -315,7 +343,7 @@ impl Publisher {
         &self,
         id: &str,
         payload: bytes::Bytes,
-    ) -> Pin<Box<dyn Future<Output = AckResult> + Send>> {
+    ) -> std::result::Result<AckFuture, AckFuture> {
         let Sink::JetStream(js) = &self.sink else {
             unreachable!("only JetStream acknowledges")
         };
@@ -323,12 +351,8 @@ impl Publisher {
             .payload(payload)
             .message_id(id);
         match js.send_publish(self.subject.clone(), message).await {
-            Ok(ack) => ack.into_future(),
-            Err(e) => Box::pin(async move {
-                // Not at once: a failing server must not make us spin.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Err(e)
-            }),
+            Ok(ack) => Ok(ack.into_future()),
+            Err(e) => Err(failed(e)),
         }
     }
 
@@ -356,10 +380,25 @@ impl Publisher {
                     self.pending[0].id,
                     self.pending.len()
                 );
+                // Until a send fails at once (the client cannot take more
+                // in an outage): the rest fail with it, and all are sent
+                // again in the next round, so a stop is never kept waiting.
+                let mut sending = true;
                 for i in 0..self.pending.len() {
-                    let (id, payload) =
-                        (self.pending[i].id.clone(), self.pending[i].payload.clone());
-                    self.pending[i].ack = self.send(&id, payload).await;
+                    self.pending[i].ack = if sending {
+                        let (id, payload) =
+                            (self.pending[i].id.clone(), self.pending[i].payload.clone());
+                        let (ack, sent) = match self.send(&id, payload).await {
+                            Ok(ack) => (ack, true),
+                            Err(ack) => (ack, false),
+                        };
+                        sending = sent;
+                        ack
+                    } else {
+                        failed(jetstream::context::PublishError::new(
+                            jetstream::context::PublishErrorKind::TimedOut,
+                        ))
+                    };
                 }
             }
         }

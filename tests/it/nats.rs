@@ -139,7 +139,14 @@ fn rss_kib(pid: i32) -> u64 {
 }
 
 /// Asserts every line of `want` came once; returns how many were seen twice.
-fn assert_once(got: &[String], want: &[String]) {
+fn assert_once(got: &[String], want: &[String], env: &Env) {
+    let logs = || {
+        env.logs()
+            .lines()
+            .filter(|l| !l.contains("DEBUG") && !l.contains("TRACE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let mut seen = std::collections::HashSet::new();
     let dups: Vec<&String> = got.iter().filter(|l| !seen.insert(l.as_str())).collect();
     assert!(
@@ -281,7 +288,7 @@ fn nats_100000_lines_from_three_publishers_once_and_in_order() {
         "100000 lines, 3 publishers -> JetStream -> 1 consumer -> FIFO: {secs:.2} s, {:.0} lines/s",
         got.len() as f64 / secs
     );
-    assert_once(&got, &want);
+    assert_once(&got, &want, &env);
     for p in 0..3 {
         let prefix = format!("p{p} ");
         let order: Vec<usize> = got
@@ -341,7 +348,7 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
         "consumer SIGKILLed after {before} of {n} lines; restarted, {} more",
         got.len() - before
     );
-    assert_once(&got, &want);
+    assert_once(&got, &want, &env);
     let order: Vec<usize> = got
         .iter()
         .filter_map(|l| l.strip_prefix("k ")?.parse().ok())
@@ -391,7 +398,7 @@ fn nats_server_restarted_mid_stream_loses_nothing_under_jetstream() {
         "server restarted after {at} of {n} lines; {} lines in all",
         got.len()
     );
-    assert_once(&got, &want);
+    assert_once(&got, &want, &env);
     assert!(
         env.processes().contains(&output) && env.processes().contains(&input),
         "a binding ended in the outage: {}",
@@ -452,7 +459,7 @@ fn nats_queue_group_of_two_splits_a_subject_nothing_lost_or_doubled() {
         !parts[0].is_empty() && !parts[1].is_empty(),
         "one consumer got nothing"
     );
-    assert_once(&parts.concat(), &want);
+    assert_once(&parts.concat(), &want, &env);
     for pid in [a, b, output] {
         kill(pid, libc::SIGTERM);
         assert!(wait_gone(pid, PATIENCE));
@@ -538,7 +545,7 @@ fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
     );
     let mut reader = open_fifo(&env.fifo("in"));
     let got = read_lines_from(&mut reader, n);
-    assert_once(&got, &want);
+    assert_once(&got, &want, &env);
     kill(input, libc::SIGTERM);
     kill(output, libc::SIGTERM);
     assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
