@@ -118,10 +118,10 @@ impl ConnectArgs {
             if let Some((userinfo, _)) = authority.rsplit_once('@')
                 && userinfo.contains(':')
             {
-                return Err(Error::usage(format!(
+                return Err(Error::usage(
                     "--server: a password in a URL shows in the process list; \
-                     use --user and --password-file (or --token-file)"
-                )));
+                     use --user and --password-file (or --token-file)",
+                ));
             }
             if authority.is_empty() {
                 return Err(Error::usage(format!("--server '{url}': no host")));

@@ -198,11 +198,13 @@ async fn serve(
                      resuming at stream sequence {from}",
                     info.num_ack_pending
                 );
-                stream.delete_consumer(name).await.map_err(|e| {
-                    js_error(format!("cannot restart the consumer {name}"), e)
-                })?;
-                config.deliver_policy =
-                    jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: from };
+                stream
+                    .delete_consumer(name)
+                    .await
+                    .map_err(|e| js_error(format!("cannot restart the consumer {name}"), e))?;
+                config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                };
             }
             let c: jetstream::consumer::Consumer<pull::Config> = match &consumer {
                 Some(name) => stream.get_or_create_consumer(name, config).await,

@@ -279,7 +279,7 @@ fn nats_100000_lines_from_three_publishers_once_and_in_order() {
         want.extend(ls.clone());
         writers.push(write_lines(env.fifo(&id), ls));
     }
-    let got = read_lines_from(&mut reader, 100_000);
+    let got = read_count(&mut reader, 100_000, Duration::from_secs(90));
     let secs = started.elapsed().as_secs_f64();
     for w in writers {
         w.join().unwrap();
@@ -342,7 +342,7 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
     let before = got.len();
     let input = env.start(NATS_INPUT, &args);
     let mut reader = open_fifo(&env.fifo("in"));
-    got.extend(read_lines_from(&mut reader, n - before));
+    got.extend(read_count(&mut reader, n - before, Duration::from_secs(60)));
     writer.join().unwrap();
     eprintln!(
         "consumer SIGKILLed after {before} of {n} lines; restarted, {} more",
@@ -392,7 +392,7 @@ fn nats_server_restarted_mid_stream_loses_nothing_under_jetstream() {
     let mut got = read_lines_from(&mut reader, n / 4);
     server.restart();
     let at = got.len();
-    got.extend(read_lines_from(&mut reader, n - at));
+    got.extend(read_count(&mut reader, n - at, Duration::from_secs(60)));
     writer.join().unwrap();
     eprintln!(
         "server restarted after {at} of {n} lines; {} lines in all",
@@ -464,6 +464,34 @@ fn nats_queue_group_of_two_splits_a_subject_nothing_lost_or_doubled() {
         kill(pid, libc::SIGTERM);
         assert!(wait_gone(pid, PATIENCE));
     }
+}
+
+/// `count` lines read from a FIFO, or what came within `limit` (a FIFO
+/// whose binding died reads end-of-file: then what it held).
+fn read_count(f: &mut fs::File, count: usize, limit: Duration) -> Vec<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut lines = 0;
+    let started = Instant::now();
+    while lines < count && started.elapsed() < limit {
+        match f.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                lines += chunk[..n].iter().filter(|&&b| b == b'\n').count();
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    String::from_utf8(buf)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 /// Lines read until none came for `quiet` (or the patience ran out).
@@ -544,7 +572,7 @@ fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
         "RSS grew from {idle} to {full} KiB"
     );
     let mut reader = open_fifo(&env.fifo("in"));
-    let got = read_lines_from(&mut reader, n);
+    let got = read_count(&mut reader, n, Duration::from_secs(60));
     assert_once(&got, &want, &env);
     kill(input, libc::SIGTERM);
     kill(output, libc::SIGTERM);
