@@ -87,7 +87,8 @@ pub fn run(opts: InputOptions) -> Result<()> {
 enum Source {
     Core(async_nats::Subscriber),
     JetStream {
-        messages: pull::Stream,
+        // Boxed: the pull stream is large, the subscription small.
+        messages: Box<pull::Stream>,
         position: Position,
         resume_until: u64,
     },
@@ -231,7 +232,7 @@ async fn serve(
             )?;
             log::info!("consumer {consumer_name} of stream {stream_name}");
             Source::JetStream {
-                messages,
+                messages: Box::new(messages),
                 position,
                 resume_until,
             }

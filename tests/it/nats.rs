@@ -138,7 +138,8 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Asserts every line of `want` came once; returns how many were seen twice.
+/// Asserts every line of `want` came once, and nothing else (the
+/// bindings' logs, but their debug lines, if not).
 fn assert_once(got: &[String], want: &[String], env: &Env) {
     let logs = || {
         env.logs()
@@ -151,16 +152,18 @@ fn assert_once(got: &[String], want: &[String], env: &Env) {
     let dups: Vec<&String> = got.iter().filter(|l| !seen.insert(l.as_str())).collect();
     assert!(
         dups.is_empty(),
-        "{} lines twice, e.g. {:?}",
+        "{} lines twice, e.g. {:?}\n{}",
         dups.len(),
-        &dups[..dups.len().min(3)]
+        &dups[..dups.len().min(3)],
+        logs()
     );
     let missing: Vec<&String> = want.iter().filter(|l| !seen.contains(l.as_str())).collect();
     assert!(
         missing.is_empty(),
-        "{} lines lost, e.g. {:?}",
+        "{} lines lost, e.g. {:?}\n{}",
         missing.len(),
-        &missing[..missing.len().min(3)]
+        &missing[..missing.len().min(3)],
+        logs()
     );
     assert_eq!(got.len(), want.len());
 }
