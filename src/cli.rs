@@ -526,7 +526,7 @@ fn forget_env_key() {
 
 /// The first line of a key file, read through a bounded buffer; a file
 /// that others may read is used, with a warning.
-fn read_key_file(file: &std::path::Path) -> Result<Vec<u8>> {
+pub fn read_key_file(file: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let cant = |e: &std::io::Error| {

@@ -19,6 +19,9 @@ mod framer;
 pub mod input;
 pub mod logging;
 pub mod master;
+/// The NATS commands' code (tokio, async-nats): only in their binaries.
+#[cfg(feature = "nats")]
+pub mod nats;
 mod net;
 mod notify;
 pub mod output;

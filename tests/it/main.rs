@@ -8,6 +8,8 @@ mod hardening;
 mod keys;
 mod limits;
 mod man;
+#[cfg(feature = "nats")]
+mod nats;
 mod operate;
 mod pool_master;
 mod seed;

@@ -23,6 +23,15 @@ const COMMANDS: &[(&str, Definition)] = &[
     ("fifobind", fifobind::ctl::Fifobind::command),
 ];
 
+/// The NATS commands, when built (cargo feature `nats`).
+#[cfg(feature = "nats")]
+const NATS_COMMANDS: &[(&str, Definition)] = &[
+    ("nats-output", fifobind::nats::cli::NatsOutput::command),
+    ("nats-input", fifobind::nats::cli::NatsInput::command),
+];
+#[cfg(not(feature = "nats"))]
+const NATS_COMMANDS: &[(&str, Definition)] = &[];
+
 /// The sections every page has, in this order; others (NOTES, BUGS) may
 /// come between them.
 pub(crate) const SECTIONS: &[&str] = &[
@@ -181,7 +190,7 @@ fn long_options(cmd: &clap::Command, into: &mut Vec<String>) {
 #[test]
 fn every_subcommand_has_an_item_in_the_commands_section_of_its_page() {
     let mut missing = Vec::new();
-    for (name, command) in COMMANDS {
+    for (name, command) in COMMANDS.iter().chain(NATS_COMMANDS) {
         let mut cmd = command();
         cmd.build();
         let tags = item_tags(section(&page(name), "COMMANDS"));
@@ -209,7 +218,7 @@ fn every_subcommand_has_an_item_in_the_commands_section_of_its_page() {
 #[test]
 fn every_long_option_has_an_item_in_the_options_section_of_its_page() {
     let mut missing = Vec::new();
-    for (name, command) in COMMANDS {
+    for (name, command) in COMMANDS.iter().chain(NATS_COMMANDS) {
         let mut cmd = command();
         // Building adds what clap generates: --help and --version.
         cmd.build();
@@ -235,7 +244,7 @@ fn every_long_option_has_an_item_in_the_options_section_of_its_page() {
 
 #[test]
 fn every_page_has_the_fixed_sections_in_order() {
-    for (name, _) in COMMANDS {
+    for (name, _) in COMMANDS.iter().chain(NATS_COMMANDS) {
         let found = headings(&page(name));
         let mut rest = found.iter();
         for wanted in SECTIONS {

@@ -1,0 +1,377 @@
+//! nats-input: every message received on a subject, one line in a FIFO.
+//!
+//! Under JetStream (a stream holds the subject) the binding pulls from a
+//! consumer — durable when named, so the server remembers its place — at
+//! most [`BATCH`] messages at a time, and acknowledges each only once its
+//! line is in the FIFO: when the reader is slow the FIFO fills, the
+//! binding stops pulling, and memory stays bounded. A line's stream
+//! sequence is recorded right after its write ([`Position`]), so a
+//! binding killed before its acknowledgement reached the server does not
+//! write the line again once restarted. Bindings sharing a durable
+//! consumer (or a queue group, which names one) share its messages.
+//!
+//! Otherwise core NATS: a subscription (a queue group's, if given), at
+//! most once; the client buffers a bounded number of messages for a slow
+//! reader and drops the rest.
+//!
+//! Lines go into the FIFO as bind-input writes them: whole, as far as the
+//! kernel takes them whole ([`PipeRoom`]).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures_util::StreamExt;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::args::Id;
+use crate::background::Ready;
+use crate::binding::{Binding, BindingOptions, StopEvents};
+use crate::error::{Error, ExitStatus, Result};
+use crate::framer::PipeRoom;
+use crate::nats::cli::{Deliver, Subject};
+use crate::nats::connect::{Settings, js_error};
+use crate::nats::events::{self, AsyncStop, Fd};
+use crate::nats::output::runtime;
+use crate::nats::position::Position;
+
+/// Messages pulled at once, at most: what the binding holds for a slow
+/// reader.
+pub(crate) const BATCH: usize = 256;
+/// A consumer's messages delivered and not acknowledged, at most.
+pub(crate) const MAX_ACK_PENDING: i64 = 1024;
+/// How long the server waits for an acknowledgement before it delivers
+/// the message again (to this binding or another of its group).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait between looks at the FIFO's room while a line waits for
+/// enough of it (the kernel wakes a writer for one free page only).
+const ROOM_CHECK: Duration = Duration::from_millis(20);
+
+pub struct InputOptions {
+    pub(crate) id: Id,
+    pub(crate) subject: Subject,
+    pub(crate) durable: Option<String>,
+    pub(crate) queue: Option<String>,
+    pub(crate) deliver: Deliver,
+    pub(crate) stream: Option<String>,
+    pub(crate) core: bool,
+    pub(crate) settings: Settings,
+    pub(crate) common: BindingOptions,
+}
+
+pub fn run(opts: InputOptions) -> Result<()> {
+    let consumer = match (&opts.durable, &opts.queue) {
+        (Some(d), Some(q)) if d != q => {
+            return Err(Error::usage(
+                "--durable and --queue name the same consumer under JetStream: give one",
+            ));
+        }
+        (d, q) => d.clone().or_else(|| q.clone()),
+    };
+    if let Some(name) = &consumer
+        && (name.is_empty() || name.chars().any(|c| c.is_whitespace() || ".*>".contains(c)))
+    {
+        return Err(Error::usage(format!(
+            "'{name}': a consumer or queue group name has no spaces, dots, * or >"
+        )));
+    }
+    let binding = Binding::open(&opts.id, &opts.common)?;
+    let common = opts.common.clone();
+    binding.run("nats-input", &common, move |binding, stop, ready| {
+        runtime()?.block_on(serve(binding, stop, ready, &opts, consumer))
+    })
+}
+
+enum Source {
+    Core(async_nats::Subscriber),
+    JetStream {
+        // Boxed: the pull stream is large, the subscription small.
+        messages: Box<pull::Stream>,
+        position: Position,
+        resume_until: u64,
+    },
+}
+
+async fn serve(
+    binding: &mut Binding,
+    stop: &StopEvents,
+    ready: &mut Ready,
+    opts: &InputOptions,
+    consumer: Option<String>,
+) -> Result<()> {
+    let client = opts
+        .settings
+        .connect(&format!("nats-input {}", opts.id))
+        .await?;
+    let subject = opts.subject.0.clone();
+    let js = jetstream::new(client.clone());
+    let stream = if opts.core {
+        None
+    } else if let Some(name) = &opts.stream {
+        let s = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![subject.clone()],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_error(format!("cannot use the JetStream stream {name}"), e))?;
+        Some((name.clone(), s))
+    } else {
+        match js.stream_by_subject(subject.clone()).await {
+            Ok(name) => {
+                let s = js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|e| js_error(format!("cannot use the JetStream stream {name}"), e))?;
+                Some((name, s))
+            }
+            Err(e) if opts.durable.is_some() => {
+                return Err(Error::new(
+                    ExitStatus::Unavailable,
+                    format!(
+                        "--durable needs a JetStream stream holding {subject}, and none does \
+                         ({e}): give --stream NAME to create one"
+                    ),
+                ));
+            }
+            Err(e) => {
+                log::info!("no JetStream stream holds {subject} ({e}): core NATS");
+                None
+            }
+        }
+    };
+    let mut source = match stream {
+        None => {
+            let sub = match &opts.queue {
+                Some(group) => client.queue_subscribe(subject.clone(), group.clone()).await,
+                None => client.subscribe(subject.clone()).await,
+            }
+            .map_err(|e| js_error(format!("cannot subscribe to {subject}"), e))?;
+            // The subscription is in place only once the server has it.
+            client
+                .flush()
+                .await
+                .map_err(|e| js_error(format!("cannot subscribe to {subject}"), e))?;
+            Source::Core(sub)
+        }
+        Some((stream_name, stream)) => {
+            let config = pull::Config {
+                durable_name: consumer.clone(),
+                filter_subject: subject.clone(),
+                deliver_policy: match opts.deliver {
+                    Deliver::New => jetstream::consumer::DeliverPolicy::New,
+                    Deliver::All => jetstream::consumer::DeliverPolicy::All,
+                    Deliver::Last => jetstream::consumer::DeliverPolicy::Last,
+                    Deliver::Since(t) => {
+                        jetstream::consumer::DeliverPolicy::ByStartTime { start_time: t }
+                    }
+                },
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: MAX_ACK_PENDING,
+                inactive_threshold: if consumer.is_some() {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs(300)
+                },
+                ..Default::default()
+            };
+            let mut config = config;
+            // Stream sequences up to which a delivery may be one that a
+            // killed binding of ours wrote and did not acknowledge.
+            let mut resume_until = 0;
+            if let (Some(name), None) = (&consumer, &opts.queue)
+                && let Ok(info) = stream.consumer_info(name).await
+                && info.num_ack_pending > 0
+            {
+                // A binding of this consumer died holding messages: the
+                // server would deliver them again only after ACK_WAIT, and
+                // after newer ones. The consumer's own binding (without a
+                // queue group it has one) starts it again right after the
+                // last message acknowledged, so the lines stay in order.
+                let from = info.ack_floor.stream_sequence + 1;
+                resume_until = info.delivered.stream_sequence;
+                log::info!(
+                    "consumer {name}: {} messages delivered and not acknowledged; \
+                     resuming at stream sequence {from}",
+                    info.num_ack_pending
+                );
+                stream
+                    .delete_consumer(name)
+                    .await
+                    .map_err(|e| js_error(format!("cannot restart the consumer {name}"), e))?;
+                config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                };
+            }
+            let c: jetstream::consumer::Consumer<pull::Config> = match &consumer {
+                Some(name) => stream.get_or_create_consumer(name, config).await,
+                None => stream.create_consumer(config).await,
+            }
+            .map_err(|e| {
+                js_error(
+                    format!("cannot create a consumer of {subject} on stream {stream_name}"),
+                    e,
+                )
+            })?;
+            let consumer_name = c.cached_info().name.clone();
+            let messages = c
+                .stream()
+                .max_messages_per_batch(BATCH)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|e| js_error(format!("cannot consume {subject}"), e))?;
+            let position = Position::open(
+                &binding.dir.dotfile(binding.id.as_str(), "nats"),
+                &stream_name,
+                &consumer_name,
+            )?;
+            log::info!("consumer {consumer_name} of stream {stream_name}");
+            Source::JetStream {
+                messages: Box::new(messages),
+                position,
+                resume_until,
+            }
+        }
+    };
+    log::info!(
+        "{} receiving {subject} from {}, FIFO {}",
+        binding.id,
+        opts.settings.servers(),
+        binding.fifo.path().display()
+    );
+    crate::status::start_binding(binding, "nats-input", 0, Some(&opts.settings.servers()));
+    binding.ready(ready);
+    let events = AsyncStop::new(stop)?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as usize);
+    let mut writer = LineWriter {
+        fd: binding.fifo.file().as_raw_fd(),
+        watch: events::watch(binding.fifo.file().as_raw_fd(), Interest::WRITABLE)?,
+        room: PipeRoom::new(binding.fifo.capacity(), page),
+        capacity: binding.fifo.capacity(),
+        line: Vec::new(),
+    };
+    let unread = || binding.fifo.unread();
+    let reason = loop {
+        tokio::select! {
+            reason = events.next() => break reason,
+            step = receive(&mut source, &mut writer, &unread) => step?,
+        }
+    };
+    log::info!("stopping: {reason}");
+    // Acknowledgements sent are on their way: let them reach the server.
+    let _ = tokio::time::timeout(Duration::from_millis(500), client.flush()).await;
+    Ok(())
+}
+
+/// Takes one message and writes its line. A line is written whole or not
+/// begun, so a stop in the middle of the wait leaves nothing half done
+/// (the message then comes again: it was not acknowledged).
+async fn receive(
+    source: &mut Source,
+    writer: &mut LineWriter,
+    unread: &impl Fn() -> usize,
+) -> Result<()> {
+    match source {
+        Source::Core(sub) => {
+            let Some(message) = sub.next().await else {
+                return Err(Error::new(
+                    ExitStatus::Unavailable,
+                    "the NATS connection was closed",
+                ));
+            };
+            writer.write(&message.payload, unread).await
+        }
+        Source::JetStream {
+            messages,
+            position,
+            resume_until,
+        } => {
+            let message = match messages.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    // Missed heartbeats in an outage: the stream carries on
+                    // once the client has reconnected.
+                    log::warn!("consuming: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Ok(());
+                }
+                None => {
+                    return Err(Error::new(
+                        ExitStatus::Unavailable,
+                        "the JetStream consumer ended",
+                    ));
+                }
+            };
+            let (seq, delivered) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.delivered),
+                Err(_) => (0, 1),
+            };
+            if (delivered > 1 || seq <= *resume_until) && position.written(seq) {
+                log::info!("message {seq} was written before a restart: acknowledged only");
+            } else {
+                writer.write(&message.payload, unread).await?;
+                position.record(seq);
+            }
+            if let Err(e) = message.ack().await {
+                log::warn!("cannot acknowledge message {seq}: {e}");
+            }
+            Ok(())
+        }
+    }
+}
+
+struct LineWriter {
+    fd: std::os::fd::RawFd,
+    watch: AsyncFd<Fd>,
+    room: PipeRoom,
+    capacity: usize,
+    line: Vec<u8>,
+}
+
+impl LineWriter {
+    /// Writes `payload` and a newline into the FIFO, waiting for room.
+    async fn write(&mut self, payload: &[u8], unread: &impl Fn() -> usize) -> Result<()> {
+        self.line.clear();
+        self.line.extend_from_slice(payload);
+        self.line.push(b'\n');
+        let mut done = 0;
+        while done < self.line.len() {
+            let rest = &self.line[done..];
+            self.room.unread(unread());
+            // Whole when the kernel is sure to take it whole; a line longer
+            // than the pipe goes in pieces, as bind-input's do.
+            let whole = rest.len() <= libc::PIPE_BUF || rest.len() <= self.room.room();
+            if whole || (done == 0 && rest.len() > self.capacity) || done > 0 {
+                match events::raw_write(self.fd, rest) {
+                    Ok(n) => {
+                        self.room.wrote(n);
+                        crate::status::add_out(n);
+                        done += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io("cannot write into the FIFO", &e)),
+                }
+            }
+            tokio::select! {
+                guard = self.watch.writable() => {
+                    if let Ok(mut guard) = guard {
+                        guard.clear_ready();
+                    }
+                }
+                () = tokio::time::sleep(ROOM_CHECK) => {}
+            }
+        }
+        crate::status::add_in(payload.len());
+        Ok(())
+    }
+}
