@@ -382,6 +382,11 @@ pub struct Pool {
     /// close it (s6's notification-fd)
     #[arg(long, value_name = "FD")]
     pub ready_fd: Option<RawFd>,
+
+    /// Serve one master's session only: then stop listening, and exit once
+    /// its bindings have ended (without it, serve masters until stopped)
+    #[arg(long)]
+    pub once: bool,
 }
 
 impl Pool {
@@ -397,6 +402,7 @@ impl Pool {
             ports: self.ports,
             accept_timeout: self.accept_timeout,
             step_timeout: self.key.timeout,
+            once: self.once,
         })
     }
 }
@@ -425,6 +431,26 @@ pub struct Master {
     /// SECS seconds
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
     pub connect_timeout: Duration,
+
+    /// The session name asked of the pool (its daemons' streams are
+    /// NAME.DAEMON): up to 24 of A-Z a-z 0-9 _ - (default: the short host
+    /// name, other characters made '-')
+    #[arg(short = 'n', long, value_name = "NAME", value_parser = crate::protocol::parse_name)]
+    pub name: Option<Id>,
+}
+
+/// The short host name (up to its first dot), made a session name.
+fn host_name() -> Id {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most the length given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let raw = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).to_string()
+    } else {
+        String::new()
+    };
+    crate::protocol::name_of(raw.split('.').next().unwrap_or(""))
 }
 
 impl Master {
@@ -437,6 +463,7 @@ impl Master {
             host: self.host,
             port: self.port,
             ddir: self.ddir,
+            name: self.name.unwrap_or_else(host_name),
             connect_timeout: self.connect_timeout,
             step_timeout: self.key.timeout,
         })

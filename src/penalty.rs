@@ -37,8 +37,15 @@ pub struct Penalties {
     cap: usize,
     base: Duration,
     max: Duration,
-    /// Failures since the last summary, and from how many addresses.
+    /// Failures since the last summary.
     unreported: u64,
+    /// Connections turned away unheard since the last summary.
+    refused: u64,
+    /// Nothing was reported in the last interval: the next failure is
+    /// reported at once rather than an interval later.
+    quiet: bool,
+    /// When the last summary was written (or, before the first, a whole
+    /// interval ago: the first failure is reported at once).
     since: Instant,
 }
 
@@ -50,7 +57,9 @@ impl Penalties {
             base,
             max,
             unreported: 0,
+            refused: 0,
             since: Instant::now(),
+            quiet: true,
         }
     }
 
@@ -89,6 +98,12 @@ impl Penalties {
         delay
     }
 
+    /// A connection from a held-back address was turned away unheard:
+    /// counted for the summary, not logged on its own.
+    pub fn refused(&mut self) {
+        self.refused += 1;
+    }
+
     /// `addr` proved it knows the key: its record is cleared.
     pub fn succeeded(&mut self, addr: IpAddr) {
         self.entries.remove(&prefix(addr));
@@ -97,17 +112,26 @@ impl Penalties {
     /// At most once per `every`: a line counting the wrong keys since the
     /// last one, for the log.
     pub fn summary(&mut self, now: Instant, every: Duration) -> Option<String> {
-        if self.unreported == 0 || now.duration_since(self.since) < every {
+        let due = now.duration_since(self.since) >= every;
+        if due && self.unreported == 0 && self.refused == 0 {
+            // A whole interval without news: the next is told at once.
+            self.quiet = true;
+        }
+        if self.unreported == 0 && self.refused == 0 || !(due || self.quiet) {
             return None;
         }
         let line = format!(
-            "{} wrong key(s) in the last {} s; {} address(es) held back",
+            "{} wrong key(s) and {} connection(s) turned away unheard in the last {} s; \
+             {} address(es) held back",
             self.unreported,
+            self.refused,
             now.duration_since(self.since).as_secs(),
             self.entries.values().filter(|e| e.until > now).count()
         );
         self.unreported = 0;
+        self.refused = 0;
         self.since = now;
+        self.quiet = false;
         Some(line)
     }
 }
@@ -169,9 +193,23 @@ mod tests {
             p.failed(ip("192.0.2.1"), t);
         }
         let every = Duration::from_secs(10);
+        // The first news after a quiet time is told at once...
+        let line = p.summary(t, every).unwrap();
+        assert!(line.starts_with("500 wrong key(s)"), "{line}");
+        // ...what follows once per interval, summed up.
+        for _ in 0..300 {
+            p.failed(ip("192.0.2.1"), t);
+            p.refused();
+        }
         assert_eq!(p.summary(t + Duration::from_secs(1), every), None);
         let line = p.summary(t + Duration::from_secs(10), every).unwrap();
-        assert!(line.starts_with("500 wrong key(s)"), "{line}");
+        assert!(
+            line.starts_with("300 wrong key(s) and 300 connection(s) turned away"),
+            "{line}"
+        );
         assert_eq!(p.summary(t + Duration::from_secs(30), every), None);
+        // A quiet interval passed: the next news is told at once again.
+        p.failed(ip("192.0.2.1"), t + Duration::from_secs(31));
+        assert!(p.summary(t + Duration::from_secs(31), every).is_some());
     }
 }

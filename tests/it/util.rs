@@ -778,10 +778,11 @@ impl Drop for Spawned {
 // ---------------------------------------------------------------------
 // Pools and masters.
 
-/// A bash consumer as in pool(1): one reader per daemon, tagging lines.
+/// A bash consumer as in pool(1): one reader per daemon, tagging lines;
+/// its pool serves one session (`--once`), so that it ends.
 pub fn consumer(port: u16, key: &str) -> String {
     format!(
-        r#"pool {key} {port} | while read -r name port fifo; do
+        r#"pool --once {key} {port} | while read -r name port fifo; do
             echo "pool: $name $port $fifo"
             while IFS= read -r line; do echo "[$name] $line"; done < "$fifo" &
         done
@@ -1114,9 +1115,12 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A master's arguments for the pool on this machine's `port`.
+/// A master's arguments for the pool on this machine's `port`; its
+/// session is named `m`, so its daemons' streams are `m.DAEMON`.
 fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<String> {
     vec![
+        "--name".to_string(),
+        "m".to_string(),
         key.to_string(),
         "127.0.0.1".to_string(),
         port.to_string(),
