@@ -3,5 +3,5 @@ use fifobind::cli;
 
 fn main() {
     let args: cli::BindInput = cli::parse("bind-input");
-    cli::exit("bind-input", fifobind::input::run(args.into()));
+    cli::exit("bind-input", args.options().and_then(fifobind::input::run));
 }

@@ -3,5 +3,8 @@ use fifobind::cli;
 
 fn main() {
     let args: cli::BindOutput = cli::parse("bind-output");
-    cli::exit("bind-output", fifobind::output::run(args.into()));
+    cli::exit(
+        "bind-output",
+        args.options().and_then(fifobind::output::run),
+    );
 }

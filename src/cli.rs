@@ -102,6 +102,44 @@ pub struct CommonArgs {
     pub ready_fd: Option<RawFd>,
 }
 
+/// The key options of the two binding commands: with one, the binding
+/// speaks the authenticated, resumable stream protocol (see stream.rs).
+#[derive(clap::Args, Debug)]
+pub struct StreamKeyArgs {
+    /// Speak the authenticated, encrypted, resumable stream protocol with
+    /// this shared key (KEY `-`: from --key-file, else FIFOBIND_KEY)
+    #[arg(long, value_name = "KEY", conflicts_with = "key_fd")]
+    pub key: Option<String>,
+
+    /// With --key -: read the key from FILE (its first line)
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub key_file: Option<PathBuf>,
+
+    /// Read the stream's secret from this inherited descriptor (to
+    /// end-of-file, at most 128 bytes), then close it
+    #[arg(long, value_name = "FD")]
+    pub key_fd: Option<RawFd>,
+}
+
+impl StreamKeyArgs {
+    /// The key, if any: through [`KeyArgs::resolve`] (environment wiped,
+    /// process undumpable, key file bounded), or from `--key-fd`.
+    pub fn resolve(&self) -> Result<Option<Key>> {
+        if let Some(fd) = self.key_fd {
+            return crate::stream::read_key_fd(fd).map(Some);
+        }
+        let Some(key) = &self.key else {
+            return Ok(None);
+        };
+        let args = KeyArgs {
+            key: key.clone(),
+            key_file: self.key_file.clone(),
+            timeout: Duration::ZERO,
+        };
+        args.resolve().map(Some)
+    }
+}
+
 impl From<CommonArgs> for Common {
     fn from(a: CommonArgs) -> Common {
         Common {
@@ -166,12 +204,19 @@ pub struct BindInput {
     pub accept_timeout: Option<Duration>,
 
     #[command(flatten)]
+    pub key: StreamKeyArgs,
+
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
-impl From<BindInput> for InputOptions {
-    fn from(a: BindInput) -> InputOptions {
-        InputOptions {
+impl BindInput {
+    /// The binding's options, the key resolved: call it before any thread.
+    pub fn options(self) -> Result<InputOptions> {
+        let key = self.key.resolve()?;
+        let a = self;
+        Ok(InputOptions {
+            key,
             id: a.id,
             port: a.port,
             bind: a.bind,
@@ -187,7 +232,7 @@ impl From<BindInput> for InputOptions {
             },
             line_timeout: (!a.line_timeout.is_zero()).then_some(a.line_timeout),
             common: a.common.into(),
-        }
+        })
     }
 }
 
@@ -213,18 +258,66 @@ pub struct BindOutput {
     pub connect_timeout: Duration,
 
     #[command(flatten)]
+    pub key: StreamKeyArgs,
+
+    /// Without a key: when the connection breaks, connect again (with
+    /// backoff) instead of exiting; what was in flight may be lost
+    #[arg(long, conflicts_with_all = ["key", "key_fd"])]
+    pub reconnect: bool,
+
+    /// With a key: hold at most SIZE bytes not yet acknowledged by the
+    /// receiver (K, M, G suffixes)
+    #[arg(long, value_name = "SIZE", value_parser = crate::stream::parse_size, default_value = "8M")]
+    pub spool: usize,
+
+    /// With a key, when the spool is full: block (stop reading the FIFO, so
+    /// writers wait) or drop-oldest (drop the oldest unsent lines, counted
+    /// in the log)
+    #[arg(long, value_name = "POLICY", value_parser = ["block", "drop-oldest"], default_value = "block")]
+    pub spool_full: String,
+
+    /// The longest wait between two attempts to reconnect (the delay starts
+    /// at 0.1 s and doubles, with jitter)
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "5")]
+    pub backoff_max: Duration,
+
+    /// Keep trying to reconnect for SECS seconds after a break, then exit
+    /// (status 69); 0: exit at the first break (default: forever)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
+    pub retry_for: Option<Duration>,
+
+    /// With a key: a receiver silent for SECS seconds (it acknowledges
+    /// every second) is taken for gone, and the binding reconnects
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    pub peer_timeout: Duration,
+
+    #[command(flatten)]
     pub common: CommonArgs,
 }
 
-impl From<BindOutput> for OutputOptions {
-    fn from(a: BindOutput) -> OutputOptions {
-        OutputOptions {
+impl BindOutput {
+    /// The binding's options, the key resolved: call it before any thread.
+    pub fn options(self) -> Result<OutputOptions> {
+        let key = self.key.resolve()?;
+        let a = self;
+        Ok(OutputOptions {
             id: a.id,
             host: a.host,
             port: a.port,
             connect_timeout: a.connect_timeout,
+            key,
+            reconnect: a.reconnect,
+            spool: a.spool,
+            spool_full: if a.spool_full == "drop-oldest" {
+                crate::spool::Full::DropOldest
+            } else {
+                crate::spool::Full::Block
+            },
+            backoff_max: a.backoff_max,
+            retry_for: a.retry_for,
+            peer_timeout: a.peer_timeout,
             common: a.common.into(),
-        }
+        })
     }
 }
 

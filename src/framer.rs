@@ -69,6 +69,23 @@ impl LineBuffer {
         &mut self.buf[self.end..self.cap]
     }
 
+    /// Makes `n` bytes of room at the end if the buffer can (moving what
+    /// it holds to its start); says whether [`LineBuffer::space`] now has
+    /// them. A stream's frames go in whole or wait.
+    pub fn make_room(&mut self, n: usize) -> bool {
+        if self.cap - self.end < n && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        !self.eof && self.cap - self.end >= n
+    }
+
+    /// Bytes held and not yet given out.
+    pub fn pending(&self) -> usize {
+        self.end - self.start
+    }
+
     pub fn filled(&mut self, n: usize) {
         self.end += n;
     }

@@ -19,12 +19,14 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use crate::args::{Id, Port};
+use crate::args::{Id, Key, Port};
 use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
 use crate::fifo::Fifo;
 use crate::framer::{LineBuffer, PipeRoom};
 use crate::net::{self, Allow};
+use crate::secure::{self, Channel, Frame, Hello, Purpose, Side};
+use crate::stream::{self, Streams};
 
 /// A connection's buffer, and so the longest line delivered with a single
 /// write(2). A longer line is passed on in pieces as it arrives, still
@@ -74,8 +76,15 @@ pub struct InputOptions {
     /// How long a connection may keep the FIFO mid-line waiting for the
     /// rest of its line.
     pub line_timeout: Option<Duration>,
+    /// Speak the stream protocol with this secret (see stream.rs).
+    pub key: Option<Key>,
     pub common: Common,
 }
+
+/// The most sealed bytes a keyed connection holds before they are opened:
+/// two whole frames, so reading stops (and TCP holds the sender back)
+/// while the FIFO is full.
+const RAW_LIMIT: usize = 2 * (secure::MAX_BODY + 64);
 
 pub fn run(opts: InputOptions) -> Result<()> {
     let binding = Binding::open(&opts.id, &opts.common)?;
@@ -119,6 +128,9 @@ pub fn run(opts: InputOptions) -> Result<()> {
             accept_warned: false,
             cut_logged: false,
             served: false,
+            arrived: false,
+            streams: Streams::default(),
+            once_stream: None,
             opts: &opts,
         };
         relay.serve(stop)
@@ -172,10 +184,71 @@ struct Conn {
     lines: LineBuffer,
     accepted: Instant,
     received: u64,
+    /// With --key: the stream protocol's state; nothing reaches `lines`
+    /// before the connection has authenticated and named its stream.
+    keyed: Option<Box<Keyed>>,
+}
+
+/// Where a keyed connection is in the stream protocol.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Our greeting is sent; the peer's is awaited.
+    Greeting,
+    /// Our confirmation is sent; the peer's is awaited.
+    Confirming,
+    /// Authenticated; its STREAM line is awaited.
+    Naming,
+    Streaming,
+}
+
+struct Keyed {
+    step: Step,
+    hello: Option<Hello>,
+    channel: Option<Channel>,
+    /// Sealed bytes read and not yet opened.
+    raw: Vec<u8>,
+    /// Sealed bytes to send (greeting, RESUME, Acks).
+    out: Vec<u8>,
+    /// The stream it carries, once named.
+    stream: Option<String>,
+    /// Bytes of the stream in `lines` and not yet written.
+    buffered: u64,
+    /// The offset last acknowledged, and when.
+    acked: u64,
+    last_ack: Instant,
+    /// The sender said Close: what is left is written, then acknowledged.
+    closing: bool,
+}
+
+impl Keyed {
+    fn new(secret: &[u8]) -> Keyed {
+        let hello = Hello::start(Side::Listener, Purpose::Stream, secret);
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(hello.line().as_bytes());
+        out.push(b'\n');
+        Keyed {
+            step: Step::Greeting,
+            hello: Some(hello),
+            channel: None,
+            raw: Vec::new(),
+            out,
+            stream: None,
+            buffered: 0,
+            acked: 0,
+            last_ack: Instant::now(),
+            closing: false,
+        }
+    }
+
+    fn seal(&mut self, frame: &Frame) {
+        if let Some(ch) = self.channel.as_mut() {
+            ch.sealer.seal(frame, &mut self.out);
+        }
+    }
 }
 
 impl Conn {
-    fn new(token: u64, stream: TcpStream, peer: SocketAddr) -> Conn {
+    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Conn {
         Conn {
             token,
             stream,
@@ -183,10 +256,67 @@ impl Conn {
             lines: LineBuffer::new(LINE_BUFFER),
             accepted: Instant::now(),
             received: 0,
+            keyed: key.map(|k| Box::new(Keyed::new(k.as_bytes()))),
         }
     }
 
+    fn wants_input(&self) -> bool {
+        match &self.keyed {
+            None => self.lines.wants_input(),
+            Some(k) => !self.lines.finished() && !k.closing && k.raw.len() < RAW_LIMIT,
+        }
+    }
+
+    /// Sends what a keyed connection has to send, as far as the socket
+    /// takes it now; a failure ends the connection.
+    fn flush(&mut self) {
+        use std::io::Write;
+        let Some(k) = self.keyed.as_mut() else {
+            return;
+        };
+        while !k.out.is_empty() {
+            match self.stream.write(&k.out) {
+                Ok(n) => {
+                    k.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    k.out.clear();
+                    self.break_off();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A keyed connection ends without its Close: what it brought and is
+    /// not yet written is dropped (not acknowledged, so the sender sends
+    /// it again).
+    fn break_off(&mut self) {
+        self.close();
+        if let Some(k) = self.keyed.as_mut() {
+            k.buffered = 0;
+            k.raw.clear();
+        }
+    }
+
+    /// Reads sealed bytes of a keyed connection.
+    fn fill_raw(&mut self) -> io::Result<usize> {
+        let k = self.keyed.as_mut().expect("a keyed connection");
+        let old = k.raw.len();
+        k.raw.resize(RAW_LIMIT.max(old), 0);
+        let r = self.stream.read(&mut k.raw[old..]);
+        let n = *r.as_ref().unwrap_or(&0);
+        k.raw.truncate(old + n);
+        self.received += n as u64;
+        r
+    }
+
     fn fill(&mut self) -> io::Result<usize> {
+        if self.keyed.is_some() {
+            return self.fill_raw();
+        }
         let n = self.stream.read(self.lines.space())?;
         self.lines.filled(n);
         self.received += n as u64;
@@ -255,6 +385,12 @@ struct Relay<'a> {
     accept_warned: bool,
     cut_logged: bool,
     served: bool,
+    /// With --once and a key: a stream has been named (the accept timeout
+    /// no longer applies); which one (no other is taken).
+    arrived: bool,
+    once_stream: Option<String>,
+    /// With a key: the offset of every stream seen.
+    streams: Streams,
     opts: &'a InputOptions,
 }
 
@@ -268,6 +404,39 @@ impl Relay<'_> {
             }
             let before = self.conns.len();
             let per_addr = &mut self.per_addr;
+            let streams = &mut self.streams;
+            let mut once_done = false;
+            for c in self.conns.iter_mut() {
+                if c.lines.finished()
+                    && let Some(k) = c.keyed.as_mut()
+                    && let Some(id) = k.stream.take()
+                    && let Some(st) = streams.get_mut(&id)
+                {
+                    st.conn = None;
+                    if k.closing && k.buffered == 0 {
+                        // Everything is in the FIFO: the last Ack says so.
+                        st.ended = true;
+                        let end = st.written;
+                        k.seal(&Frame::Ack(end));
+                        log::info!("stream {id} from {} ended at offset {end}", c.peer);
+                        if self.opts.once {
+                            once_done = true;
+                        }
+                        c.flush();
+                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+            }
+            if once_done {
+                // The --once stream is done: nobody else gets in now.
+                self.served = true;
+                self.listener = None;
+                for c in self.conns.iter_mut() {
+                    if c.keyed.as_ref().is_some_and(|k| k.stream.is_none()) && !c.lines.finished() {
+                        c.break_off();
+                    }
+                }
+            }
             self.conns.retain(|c| {
                 if !c.lines.finished() {
                     return true;
@@ -287,6 +456,9 @@ impl Relay<'_> {
                 self.accept_paused = None;
             }
             let mut timeout = self.limits();
+            if let Some(t) = self.acknowledge() {
+                timeout = Some(timeout.map_or(t, |old| old.min(t)));
+            }
             let mut deadline = |t: Duration| {
                 timeout = Some(timeout.map_or(t, |old: Duration| old.min(t)));
             };
@@ -312,6 +484,7 @@ impl Relay<'_> {
                     }
                     deadline(DRAIN_CHECK);
                 } else if !self.served
+                    && !self.arrived
                     && let Some(limit) = self.opts.accept_timeout
                 {
                     let left = limit.saturating_sub(started.elapsed());
@@ -341,11 +514,11 @@ impl Relay<'_> {
                 .then(|| set.add(self.binding.fifo.as_fd(), OUT));
             let mut conn_slots = Vec::with_capacity(self.conns.len());
             for conn in &self.conns {
-                conn_slots.push(
-                    conn.lines
-                        .wants_input()
-                        .then(|| set.add(conn.stream.as_fd(), IN)),
-                );
+                let mut events = if conn.wants_input() { IN } else { 0 };
+                if conn.keyed.as_ref().is_some_and(|k| !k.out.is_empty()) {
+                    events |= OUT;
+                }
+                conn_slots.push((events != 0).then(|| set.add(conn.stream.as_fd(), events)));
             }
             set.wait(timeout)
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
@@ -375,9 +548,29 @@ impl Relay<'_> {
             }
             for (conn, slot) in self.conns.iter_mut().zip(conn_slots) {
                 if let Some(slot) = slot
+                    && set.revents(slot) & OUT != 0
+                {
+                    conn.flush();
+                }
+                if let Some(slot) = slot
                     && set.revents(slot) & (IN | TROUBLE) != 0
+                    && conn.wants_input()
                 {
                     match conn.fill() {
+                        Ok(0) if conn.keyed.is_some() => {
+                            // Without its Close, an end is a break.
+                            if conn
+                                .keyed
+                                .as_ref()
+                                .is_some_and(|k| k.step == Step::Streaming)
+                            {
+                                log::info!(
+                                    "connection from {} broke off (no Close): waiting for its sender to resume",
+                                    conn.peer
+                                );
+                            }
+                            conn.break_off();
+                        }
                         Ok(0) => conn.lines.end_of_stream(),
                         Ok(n) => crate::status::add_in(n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -388,10 +581,17 @@ impl Relay<'_> {
                                 conn.peer,
                                 crate::error::describe_io(&e)
                             );
-                            conn.lines.end_of_stream();
+                            if conn.keyed.is_some() {
+                                conn.break_off();
+                            } else {
+                                conn.lines.end_of_stream();
+                            }
                         }
                     }
                 }
+            }
+            if self.opts.key.is_some() {
+                self.open_frames();
             }
             if let Some(slot) = listen_slot
                 && set.revents(slot) != 0
@@ -423,6 +623,24 @@ impl Relay<'_> {
                 } else {
                     due(left);
                 }
+            }
+        }
+        for conn in &mut self.conns {
+            let Some(k) = &conn.keyed else { continue };
+            if k.step == Step::Streaming || conn.lines.finished() {
+                continue;
+            }
+            let left = stream::HANDSHAKE_LIMIT.saturating_sub(conn.accepted.elapsed());
+            if left.is_zero() {
+                log::warn!(
+                    "connection from {}: no stream named within {} s: closed",
+                    conn.peer,
+                    stream::HANDSHAKE_LIMIT.as_secs()
+                );
+                conn.break_off();
+                due(Duration::ZERO);
+            } else {
+                due(left);
             }
         }
         let Some(limit) = self.opts.line_timeout else {
@@ -529,10 +747,13 @@ impl Relay<'_> {
             }
             self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
-            self.conns.push(Conn::new(self.next_token, stream, peer));
+            let mut conn = Conn::new(self.next_token, stream, peer, self.opts.key.as_ref());
+            // Our greeting: a fresh socket takes it whole.
+            conn.flush();
+            self.conns.push(conn);
             crate::status::peer_added(peer);
             self.next_token += 1;
-            if self.opts.once {
+            if self.opts.once && self.opts.key.is_none() {
                 // One connection only: the port is free again at once.
                 self.served = true;
                 self.listener = None;
@@ -541,6 +762,188 @@ impl Relay<'_> {
             // knows a --once binding takes nobody else.
             log::info!("connection from {peer}");
         }
+    }
+
+    /// Opens what the keyed connections have brought, as far as their
+    /// line buffers take it; a connection that breaks the protocol or
+    /// fails to authenticate is closed.
+    fn open_frames(&mut self) {
+        for idx in 0..self.conns.len() {
+            if let Err(why) = self.open_conn(idx) {
+                let c = &mut self.conns[idx];
+                let streaming = c.keyed.as_ref().is_some_and(|k| k.step == Step::Streaming);
+                if streaming {
+                    log::warn!(
+                        "connection from {}: {why}: closed (its unwritten data is dropped; its sender resends it)",
+                        c.peer
+                    );
+                } else {
+                    log::warn!(
+                        "connection from {}: {why}: closed, nothing of it reaches the FIFO",
+                        c.peer
+                    );
+                }
+                c.break_off();
+            }
+        }
+    }
+
+    fn open_conn(&mut self, idx: usize) -> std::result::Result<(), String> {
+        loop {
+            let conn = &mut self.conns[idx];
+            if conn.lines.finished() {
+                return Ok(());
+            }
+            let Some(k) = conn.keyed.as_mut() else {
+                return Ok(());
+            };
+            if k.step == Step::Greeting {
+                let Some(nl) = memchr::memchr(b'\n', &k.raw) else {
+                    if k.raw.len() > crate::protocol::MAX_LINE {
+                        return Err("greeting longer than a line".into());
+                    }
+                    return Ok(());
+                };
+                let mut line: Vec<u8> = k.raw.drain(..=nl).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                crate::protocol::check_line(&line).map_err(|e| e.to_string())?;
+                let line = String::from_utf8(line).map_err(|_| "greeting not ASCII")?;
+                let hello = k.hello.take().expect("a greeting is awaited once");
+                k.channel = Some(hello.finish(&line).map_err(|e| e.to_string())?);
+                k.seal(&Frame::Confirm);
+                k.step = Step::Confirming;
+                conn.flush();
+                continue;
+            }
+            if k.step == Step::Streaming && k.raw.len() >= 4 {
+                // A data frame goes into the line buffer whole, or waits.
+                let len = u32::from_be_bytes(k.raw[..4].try_into().expect("4 bytes")) as usize;
+                if !conn.lines.make_room(len.saturating_sub(17)) {
+                    return Ok(());
+                }
+            }
+            let step = k.step;
+            let ch = k.channel.as_mut().expect("a channel after the greeting");
+            let (frame, used) = match ch.opener.open(&k.raw) {
+                Ok(Some(x)) => x,
+                Ok(None) => return Ok(()),
+                Err(_) if step == Step::Confirming => {
+                    return Err(
+                        "authentication failed: the keys differ (or the connection was tampered with)"
+                            .into(),
+                    );
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            k.raw.drain(..used);
+            match (step, frame) {
+                (Step::Confirming, Frame::Confirm) => k.step = Step::Naming,
+                (Step::Naming, Frame::Line(line)) => self.name_stream(idx, &line)?,
+                (Step::Streaming, Frame::Data(d)) => {
+                    conn.lines.space()[..d.len()].copy_from_slice(&d);
+                    conn.lines.filled(d.len());
+                    k.buffered += d.len() as u64;
+                }
+                (Step::Streaming, Frame::Close) => {
+                    k.closing = true;
+                    conn.lines.end_of_stream();
+                    return Ok(());
+                }
+                (_, frame) => return Err(format!("unexpected {frame}")),
+            }
+        }
+    }
+
+    /// A keyed connection names its stream: it resumes where the FIFO is.
+    fn name_stream(&mut self, idx: usize, line: &str) -> std::result::Result<(), String> {
+        let (id, acked) = stream::parse_stream_line(line)?;
+        if let Some(only) = &self.once_stream
+            && *only != id
+        {
+            return Err(format!(
+                "stream {id} is not the stream this --once binding serves"
+            ));
+        }
+        let token = self.conns[idx].token;
+        let st = self.streams.adopt(&id, acked);
+        if acked > st.written {
+            return Err(format!(
+                "stream {id} says {acked} bytes were delivered, but only {} were written here",
+                st.written
+            ));
+        }
+        let offset = st.written;
+        let old = st.conn.replace(token);
+        if let Some(old) = old
+            && old != token
+            && let Some(c) = self.conns.iter_mut().find(|c| c.token == old)
+        {
+            log::info!(
+                "stream {id}: a new connection takes over from the one from {}",
+                c.peer
+            );
+            if let Some(k) = c.keyed.as_mut() {
+                k.stream = None;
+            }
+            c.break_off();
+        }
+        if self.opts.once {
+            self.once_stream = Some(id.clone());
+            self.arrived = true;
+        }
+        let c = &mut self.conns[idx];
+        let k = c.keyed.as_mut().expect("keyed");
+        k.stream = Some(id.clone());
+        k.step = Step::Streaming;
+        k.acked = offset;
+        k.last_ack = Instant::now();
+        k.seal(&Frame::Line(format!("RESUME {offset}")));
+        c.flush();
+        log::info!("stream {id} from {}: resuming at offset {offset}", c.peer);
+        Ok(())
+    }
+
+    /// Acknowledges what the keyed connections' streams have in the FIFO:
+    /// after a write batch, at most every [`stream::ACK_EVERY`] (or
+    /// [`stream::ACK_BYTES`]), and every [`stream::HEARTBEAT`] anyway.
+    /// Returns when the next one falls due.
+    fn acknowledge(&mut self) -> Option<Duration> {
+        let mut next: Option<Duration> = None;
+        for c in self.conns.iter_mut() {
+            let Some(k) = c.keyed.as_mut() else { continue };
+            if k.step != Step::Streaming || c.lines.finished() {
+                continue;
+            }
+            let Some(st) = k.stream.as_deref().and_then(|id| self.streams.get_mut(id)) else {
+                continue;
+            };
+            let written = st.written;
+            let since = k.last_ack.elapsed();
+            let due = if written > k.acked {
+                if written - k.acked >= stream::ACK_BYTES {
+                    Duration::ZERO
+                } else {
+                    stream::ACK_EVERY.saturating_sub(since)
+                }
+            } else {
+                stream::HEARTBEAT.saturating_sub(since)
+            };
+            let wait = if due.is_zero() && k.out.is_empty() {
+                k.seal(&Frame::Ack(written));
+                k.acked = written;
+                k.last_ack = Instant::now();
+                c.flush();
+                stream::HEARTBEAT
+            } else {
+                // Still sending: the socket's room wakes us first.
+                due.max(Duration::from_millis(10))
+            };
+            next = Some(next.map_or(wait, |n| n.min(wait)));
+        }
+        next
     }
 
     /// Writes whatever complete lines the connections hold, one connection
@@ -584,6 +987,15 @@ impl Relay<'_> {
                     }
                     crate::status::add_out(n);
                     conn.lines.consumed(n);
+                    if let Some(k) = conn.keyed.as_mut() {
+                        let credit = (n as u64).min(k.buffered);
+                        k.buffered -= credit;
+                        if let Some(st) =
+                            k.stream.as_deref().and_then(|id| self.streams.get_mut(id))
+                        {
+                            st.written += credit;
+                        }
+                    }
                     let owner = conn.lines.mid_line().then_some(conn.token);
                     if owner != self.owner {
                         self.owner_waited = Duration::ZERO;

@@ -32,5 +32,6 @@ pub mod secure;
 pub mod signals;
 pub mod spool;
 pub mod status;
+pub mod stream;
 pub mod supervise;
 pub mod sweep;

@@ -16,7 +16,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
-use crate::args::{Host, Id, Port};
+use crate::args::{Host, Id, Key, Port};
 use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
@@ -36,10 +36,25 @@ pub struct OutputOptions {
     pub host: Host,
     pub port: Port,
     pub connect_timeout: Duration,
+    /// Speak the stream protocol with this secret (see stream.rs).
+    pub key: Option<Key>,
+    /// Without a key: connect again when the connection breaks.
+    pub reconnect: bool,
+    /// With a key: the most unacknowledged bytes held, and what then.
+    pub spool: usize,
+    pub spool_full: crate::spool::Full,
+    pub backoff_max: Duration,
+    /// How long to keep reconnecting after a break (`None`: forever).
+    pub retry_for: Option<Duration>,
+    /// With a key: a receiver silent this long is taken for gone.
+    pub peer_timeout: Duration,
     pub common: Common,
 }
 
 pub fn run(opts: OutputOptions) -> Result<()> {
+    if opts.key.is_some() {
+        return run_keyed(opts);
+    }
     let binding = Binding::open(&opts.id, &opts.common)?;
     let stream = match net::connect(opts.host.as_str(), opts.port, opts.connect_timeout) {
         Ok(s) => s,
@@ -50,42 +65,130 @@ pub fn run(opts: OutputOptions) -> Result<()> {
     };
     let common = opts.common.clone();
     binding.run("bind-output", &common, move |binding, stop, ready| {
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("cannot configure the socket", &e))?;
-        if let Err(e) = net::limit_unsent(&stream, UNSENT_LIMIT) {
-            // Only slower on a kernel without it (before Linux 3.12).
-            log::warn!(
-                "cannot limit the unsent data: {}",
-                crate::error::describe_io(&e)
-            );
+        let mut stream = stream;
+        let mut first = true;
+        loop {
+            stream
+                .set_nonblocking(true)
+                .map_err(|e| Error::io("cannot configure the socket", &e))?;
+            if let Err(e) = net::limit_unsent(&stream, UNSENT_LIMIT) {
+                // Only slower on a kernel without it (before Linux 3.12).
+                log::warn!(
+                    "cannot limit the unsent data: {}",
+                    crate::error::describe_io(&e)
+                );
+            }
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
+            if first {
+                log::info!(
+                    "{} connected to {peer}, FIFO {}",
+                    binding.id,
+                    binding.fifo.path().display()
+                );
+                crate::status::start_binding(
+                    binding,
+                    "bind-output",
+                    opts.port.0,
+                    Some(opts.host.as_str()),
+                );
+                binding.ready(ready);
+                first = false;
+            }
+            crate::status::peer_added(&peer);
+            let mut relay = Relay {
+                binding: &mut *binding,
+                stream,
+                peer: peer.clone(),
+                socket_full: false,
+                remote_eof: false,
+            };
+            let result = relay.serve(stop);
+            crate::status::peer_gone(&peer);
+            match result {
+                Err(e) if opts.reconnect && e.status == ExitStatus::Unavailable => {
+                    log::warn!(
+                        "{}; reconnecting (what was in flight may be lost)",
+                        e.message
+                    );
+                    match reconnect_plain(&opts, binding, stop)? {
+                        Some(s) => stream = s,
+                        None => return Ok(()),
+                    }
+                }
+                other => return other,
+            }
         }
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
-        log::info!(
-            "{} connected to {peer}, FIFO {}",
-            binding.id,
-            binding.fifo.path().display()
-        );
-        crate::status::start_binding(
-            binding,
-            "bind-output",
-            opts.port.0,
-            Some(opts.host.as_str()),
-        );
-        crate::status::peer_added(&peer);
-        binding.ready(ready);
-        let mut relay = Relay {
-            binding,
-            stream,
-            peer,
-            socket_full: false,
-            remote_eof: false,
-        };
-        relay.serve(stop)
     })
+}
+
+/// A plain binding's link broke: connect again with backoff until it
+/// works (`Some`), a stop comes (`None`), or `--retry-for` runs out.
+fn reconnect_plain(
+    opts: &OutputOptions,
+    binding: &Binding,
+    stop: &Stop,
+) -> Result<Option<TcpStream>> {
+    let broken = Instant::now();
+    let mut backoff = crate::stream::Backoff::new(opts.backoff_max);
+    let attempt_limit = opts.connect_timeout.min(Duration::from_secs(5));
+    loop {
+        if let Some(reason) = pause(stop, backoff.next_delay()) {
+            log::info!(
+                "stopping while disconnected: {reason} ({} bytes in the FIFO not sent)",
+                binding.fifo.unread()
+            );
+            return Ok(None);
+        }
+        match net::connect(opts.host.as_str(), opts.port, attempt_limit) {
+            Ok(s) => {
+                log::info!(
+                    "reconnected to {}:{} after {:.1} s disconnected",
+                    opts.host,
+                    opts.port,
+                    broken.elapsed().as_secs_f64()
+                );
+                return Ok(Some(s));
+            }
+            Err(e) => {
+                log::debug!("reconnecting: {e}");
+                if let Some(limit) = opts.retry_for
+                    && broken.elapsed() >= limit
+                {
+                    return Err(Error::new(
+                        ExitStatus::Unavailable,
+                        format!(
+                            "cannot reconnect within {} s ({e}); {} bytes in the FIFO not sent",
+                            limit.as_secs_f64(),
+                            binding.fifo.unread()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Waits `delay`, or until a stop event comes (which is returned).
+pub(crate) fn pause(stop: &Stop, delay: Duration) -> Option<Reason> {
+    let until = Instant::now() + delay;
+    let mut set = PollSet::default();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        set.clear();
+        let slots = stop.register(&mut set);
+        if set.wait(Some(left)).is_err() {
+            return None;
+        }
+        if let Some(reason) = stop.check(&set, slots) {
+            return Some(reason);
+        }
+    }
 }
 
 struct Relay<'a> {
@@ -291,4 +394,484 @@ impl Relay<'_> {
         // Reported once, as this binding's error (logged or printed).
         Err(Error::new(ExitStatus::Unavailable, message))
     }
+}
+
+// The keyed path: the stream protocol (see stream.rs). Bytes pass through
+// the process here (they are sealed), held in the spool until the
+// receiver acknowledges them, so that a broken link loses nothing.
+
+/// How much sealed data may wait for the socket before more is sealed.
+const OUT_HIGH: usize = 2 * crate::secure::MAX_BODY;
+/// Drops under `--spool-full drop-oldest` are logged at most this often.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// One authenticated connection of the stream.
+struct Link {
+    stream: TcpStream,
+    channel: crate::secure::Channel,
+    /// Sealed bytes read and not yet opened.
+    inbuf: Vec<u8>,
+    /// Sealed bytes not yet taken by the socket.
+    out: Vec<u8>,
+    heard: Instant,
+    peer: String,
+    close_sent: bool,
+}
+
+/// Connects, authenticates and names the stream; returns the link and
+/// the receiver's offset.
+fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Result<(Link, u64)> {
+    use crate::protocol::Failure;
+    use crate::secure::{Frame, Purpose, Side};
+    let key = opts.key.as_ref().expect("a keyed binding");
+    let mut stream = net::connect(opts.host.as_str(), opts.port, limit)?;
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
+    let fail = |f: Failure| match f {
+        Failure::Io(e) => Error::io(format!("stream handshake with {peer}"), &e),
+        Failure::Refused(why) | Failure::Denied(why) => Error::new(
+            ExitStatus::Unavailable,
+            format!("stream handshake with {peer}: {why}"),
+        ),
+        other => Error::new(
+            ExitStatus::Unavailable,
+            format!("stream handshake with {peer}: {other}"),
+        ),
+    };
+    let io_err = |e: io::Error| Error::io("cannot configure the socket", &e);
+    stream.set_read_timeout(Some(limit)).map_err(io_err)?;
+    stream.set_write_timeout(Some(limit)).map_err(io_err)?;
+    let mut channel = crate::secure::handshake(
+        &mut stream,
+        Side::Connector,
+        Purpose::Stream,
+        key.as_bytes(),
+    )
+    .map_err(fail)?;
+    channel
+        .send(
+            &mut stream,
+            &Frame::Line(crate::stream::stream_line(id, acked)),
+        )
+        .map_err(fail)?;
+    let offset = match channel.recv(&mut stream).map_err(fail)? {
+        Frame::Line(line) => {
+            crate::stream::parse_resume_line(&line).map_err(|why| fail(Failure::Protocol(why)))?
+        }
+        other => {
+            return Err(fail(Failure::Protocol(format!(
+                "expected RESUME, got {other}"
+            ))));
+        }
+    };
+    stream.set_nonblocking(true).map_err(io_err)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    Ok((
+        Link {
+            stream,
+            channel,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            heard: Instant::now(),
+            peer,
+            close_sent: false,
+        },
+        offset,
+    ))
+}
+
+fn run_keyed(opts: OutputOptions) -> Result<()> {
+    let binding = Binding::open(&opts.id, &opts.common)?;
+    let id = crate::stream::new_stream_id();
+    let first = match establish(&opts, &id, 0, opts.connect_timeout) {
+        Ok(first) => first,
+        Err(e) => {
+            binding.close();
+            return Err(e);
+        }
+    };
+    let common = opts.common.clone();
+    binding.run("bind-output", &common, move |binding, stop, ready| {
+        let (link, offset) = first;
+        let mut spool = crate::spool::Spool::new(opts.spool, opts.spool_full);
+        spool.resume(offset).map_err(|why| {
+            Error::new(
+                ExitStatus::Unavailable,
+                format!("{}: a new stream cannot resume: {why}", link.peer),
+            )
+        })?;
+        log::info!(
+            "{} connected to {} (stream {id}, authenticated), FIFO {}",
+            binding.id,
+            link.peer,
+            binding.fifo.path().display()
+        );
+        crate::status::start_binding(
+            binding,
+            "bind-output",
+            opts.port.0,
+            Some(opts.host.as_str()),
+        );
+        crate::status::peer_added(&link.peer);
+        binding.ready(ready);
+        let mut sender = Sender {
+            binding,
+            opts: &opts,
+            id,
+            spool,
+            link: Some(link),
+            backoff: crate::stream::Backoff::new(opts.backoff_max),
+            broken: None,
+            next_try: Instant::now(),
+            sent_at_break: 0,
+            reconnects: 0,
+            drops_logged: (0, Instant::now()),
+        };
+        sender.serve(stop)
+    })
+}
+
+struct Sender<'a> {
+    binding: &'a mut Binding,
+    opts: &'a OutputOptions,
+    id: String,
+    spool: crate::spool::Spool,
+    link: Option<Link>,
+    backoff: crate::stream::Backoff,
+    /// Disconnected since then.
+    broken: Option<Instant>,
+    next_try: Instant,
+    /// What had been sent when the link broke, to tell what is resent.
+    sent_at_break: u64,
+    reconnects: u64,
+    /// Lines dropped as last logged, and when.
+    drops_logged: (u64, Instant),
+}
+
+impl Sender<'_> {
+    fn serve(&mut self, stop: &Stop) -> Result<()> {
+        let mut phase = Phase::Running;
+        let mut fifo_eof = false;
+        let mut set = PollSet::default();
+        let mut buf = vec![0u8; crate::secure::MAX_BODY];
+        loop {
+            if let Phase::Flushing(_) = phase
+                && self.binding.fifo.unread() == 0
+            {
+                // Stopping: what the FIFO holds now is all there is.
+                fifo_eof = true;
+            }
+            if fifo_eof
+                && self.spool.unacked() == 0
+                && self.link.as_ref().is_some_and(|l| l.close_sent)
+            {
+                log::info!(
+                    "stream {} ended: {} bytes delivered{}",
+                    self.id,
+                    self.spool.end(),
+                    self.drop_note()
+                );
+                let _ = self
+                    .link
+                    .as_ref()
+                    .map(|l| l.stream.shutdown(Shutdown::Write));
+                return Ok(());
+            }
+            if let Phase::Flushing(deadline) = phase
+                && Instant::now() >= deadline
+            {
+                log::warn!(
+                    "stopped before the receiver acknowledged everything: {} bytes not delivered{}",
+                    self.spool.unacked() + self.binding.fifo.unread(),
+                    self.drop_note()
+                );
+                return Ok(());
+            }
+            if self.link.is_none() && Instant::now() >= self.next_try {
+                self.try_reconnect()?;
+            }
+            if let Some(link) = self.link.as_mut() {
+                fill_out(link, &mut self.spool, fifo_eof);
+                if let Err(why) = flush_out(link) {
+                    self.broke(&why)?;
+                }
+            }
+
+            set.clear();
+            let flushing = matches!(phase, Phase::Flushing(_));
+            let stop_slots = (!flushing).then(|| stop.register(&mut set));
+            let fifo_slot = (!fifo_eof && self.spool.room() > 0)
+                .then(|| set.add(self.binding.fifo.reader().as_fd(), IN));
+            let sock_slot = self.link.as_ref().map(|l| {
+                let events = if l.out.is_empty() { IN } else { IN | OUT };
+                set.add(l.stream.as_fd(), events)
+            });
+            let now = Instant::now();
+            let mut timeout: Option<Duration> = None;
+            let mut due = |at: Instant| {
+                let t = at.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(t, |o: Duration| o.min(t)));
+            };
+            match &self.link {
+                None => due(self.next_try),
+                Some(l) => due(l.heard + self.opts.peer_timeout),
+            }
+            if let Phase::Flushing(deadline) = phase {
+                due(deadline.min(now + Duration::from_millis(20)));
+            }
+            set.wait(timeout)
+                .map_err(|e| Error::io("cannot wait for events", &e))?;
+
+            if let Some(slots) = stop_slots {
+                match (stop.check(&set, slots), phase) {
+                    (None, _) | (Some(Reason::Drain), Phase::Draining) => {}
+                    (Some(Reason::Drain), _) => {
+                        log::info!("draining: {}", Reason::Drain);
+                        self.binding.fifo.remove();
+                        self.binding.fifo.close_writer();
+                        phase = Phase::Draining;
+                    }
+                    (Some(reason), _) => {
+                        log::info!("stopping: {reason}");
+                        self.binding.fifo.remove();
+                        phase = Phase::Flushing(Instant::now() + FLUSH_LIMIT);
+                    }
+                }
+            }
+            let fifo_ready = fifo_slot.is_some_and(|slot| set.revents(slot) != 0);
+            if (fifo_ready || flushing) && !fifo_eof {
+                fifo_eof = self.read_fifo(&mut buf)?;
+            }
+            if let Some(slot) = sock_slot {
+                let revents = set.revents(slot);
+                if revents & (IN | TROUBLE) != 0
+                    && let Err(why) = self.read_link()
+                {
+                    self.broke(&why)?;
+                }
+            }
+            if let Some(l) = &self.link
+                && l.heard.elapsed() >= self.opts.peer_timeout
+            {
+                let why = format!(
+                    "nothing heard for {:.0} s",
+                    self.opts.peer_timeout.as_secs_f64()
+                );
+                self.broke(&why)?;
+            }
+        }
+    }
+
+    /// Takes what the FIFO holds into the spool, as far as it has room;
+    /// returns whether the FIFO has ended (all writers gone, draining).
+    fn read_fifo(&mut self, buf: &mut [u8]) -> Result<bool> {
+        loop {
+            let room = self.spool.room().min(buf.len());
+            if room == 0 {
+                return Ok(false);
+            }
+            match self.binding.fifo.reader().read(&mut buf[..room]) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
+                    crate::status::add_in(n);
+                    self.spool.push(&buf[..n]);
+                    self.log_drops(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "cannot read the FIFO {}",
+                            self.binding.fifo.path().display()
+                        ),
+                        &e,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Reads the receiver's acknowledgements.
+    fn read_link(&mut self) -> std::result::Result<(), String> {
+        use crate::secure::Frame;
+        let link = self.link.as_mut().expect("polled only with a link");
+        let mut chunk = [0u8; 4096];
+        loop {
+            match link.stream.read(&mut chunk) {
+                Ok(0) => return Err("the receiver closed the connection".into()),
+                Ok(n) => link.inbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(crate::error::describe_io(&e)),
+            }
+            if link.inbuf.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let mut used = 0;
+        while let Some((frame, n)) = link
+            .channel
+            .opener
+            .open(&link.inbuf[used..])
+            .map_err(|e| e.to_string())?
+        {
+            used += n;
+            match frame {
+                Frame::Ack(offset) => {
+                    self.spool.ack(offset)?;
+                    link.heard = Instant::now();
+                }
+                other => return Err(format!("unexpected {other} from the receiver")),
+            }
+        }
+        link.inbuf.drain(..used);
+        Ok(())
+    }
+
+    /// The link broke: reconnect (after a backoff), unless the user said
+    /// not to.
+    fn broke(&mut self, why: &str) -> Result<()> {
+        let Some(link) = self.link.take() else {
+            return Ok(());
+        };
+        crate::status::peer_gone(&link.peer);
+        self.sent_at_break = self.spool.sent_offset();
+        let unacked = self.spool.unacked();
+        if self.opts.retry_for == Some(Duration::ZERO) {
+            return Err(Error::new(
+                ExitStatus::Unavailable,
+                format!(
+                    "connection to {} broken ({why}): {unacked} bytes not acknowledged",
+                    link.peer
+                ),
+            ));
+        }
+        log::warn!(
+            "connection to {} broken ({why}) at offset {}: {unacked} bytes not acknowledged; reconnecting",
+            link.peer,
+            self.spool.acked()
+        );
+        self.broken = Some(Instant::now());
+        self.backoff.reset();
+        self.next_try = Instant::now() + self.backoff.next_delay();
+        Ok(())
+    }
+
+    fn try_reconnect(&mut self) -> Result<()> {
+        let limit = self.opts.connect_timeout.min(Duration::from_secs(5));
+        let broken = self.broken.unwrap_or_else(Instant::now);
+        match establish(self.opts, &self.id, self.spool.acked(), limit) {
+            Ok((link, offset)) => {
+                if let Err(why) = self.spool.resume(offset) {
+                    return Err(Error::new(
+                        ExitStatus::Unavailable,
+                        format!("{}: cannot resume stream {}: {why}", link.peer, self.id),
+                    ));
+                }
+                self.reconnects += 1;
+                log::info!(
+                    "reconnected to {} after {:.1} s disconnected: resuming at offset {offset}, {} bytes resent (reconnect {}){}",
+                    link.peer,
+                    broken.elapsed().as_secs_f64(),
+                    self.sent_at_break.saturating_sub(offset),
+                    self.reconnects,
+                    self.drop_note()
+                );
+                crate::status::peer_added(&link.peer);
+                self.link = Some(link);
+                self.broken = None;
+                self.backoff.reset();
+            }
+            Err(e) => {
+                log::debug!("reconnecting: {e}");
+                if let Some(limit) = self.opts.retry_for
+                    && broken.elapsed() >= limit
+                {
+                    return Err(Error::new(
+                        ExitStatus::Unavailable,
+                        format!(
+                            "cannot reconnect within {} s ({e}): {} bytes not delivered{}",
+                            limit.as_secs_f64(),
+                            self.spool.unacked() + self.binding.fifo.unread(),
+                            self.drop_note()
+                        ),
+                    ));
+                }
+                self.next_try = Instant::now() + self.backoff.next_delay();
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_note(&self) -> String {
+        match self.spool.dropped() {
+            (0, _) => String::new(),
+            (lines, bytes) => format!("; {lines} lines ({bytes} bytes) dropped, spool full"),
+        }
+    }
+
+    /// Logs the drops of a full spool, at most every [`DROP_LOG_EVERY`].
+    fn log_drops(&mut self, force: bool) {
+        let (lines, bytes) = self.spool.dropped();
+        if lines > self.drops_logged.0
+            && (force
+                || self.drops_logged.1.elapsed() >= DROP_LOG_EVERY
+                || self.drops_logged.0 == 0)
+        {
+            log::warn!(
+                "spool full ({} bytes): {lines} lines ({bytes} bytes) dropped so far",
+                self.opts.spool
+            );
+            self.drops_logged = (lines, Instant::now());
+        }
+    }
+}
+
+/// Seals what the spool has unsent into the link's output, and Close once
+/// the FIFO has ended and everything is sent.
+fn fill_out(link: &mut Link, spool: &mut crate::spool::Spool, fifo_eof: bool) {
+    while link.out.len() < OUT_HIGH {
+        let (a, b) = spool.unsent(crate::secure::MAX_BODY);
+        let n = a.len() + b.len();
+        if n == 0 {
+            break;
+        }
+        if b.is_empty() {
+            link.channel.sealer.seal_data(a, &mut link.out);
+        } else {
+            let joined = [a, b].concat();
+            link.channel.sealer.seal_data(&joined, &mut link.out);
+        }
+        crate::status::add_out(n);
+        spool.sent(n);
+    }
+    if fifo_eof && !link.close_sent && spool.unsent(1).0.is_empty() && spool.unsent(1).1.is_empty()
+    {
+        link.channel
+            .sealer
+            .seal(&crate::secure::Frame::Close, &mut link.out);
+        link.close_sent = true;
+    }
+}
+
+fn flush_out(link: &mut Link) -> std::result::Result<(), String> {
+    use std::io::Write;
+    while !link.out.is_empty() {
+        match link.stream.write(&link.out) {
+            Ok(n) => {
+                link.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(crate::error::describe_io(&e)),
+        }
+    }
+    Ok(())
 }

@@ -57,6 +57,11 @@ impl Spool {
         self.acked
     }
 
+    /// Offset just past the last byte sent on this connection.
+    pub fn sent_offset(&self) -> u64 {
+        self.sent
+    }
+
     pub fn unacked(&self) -> usize {
         self.buf.len()
     }
