@@ -53,7 +53,7 @@ pub const START_LIMIT: Duration = Duration::from_secs(10);
 /// a descriptor ([`KEY_FD_OPTION`]) and speak the sealed stream protocol.
 /// Off, they are started as before protocol 2 and move the stream in
 /// clear text: for a bind-input and bind-output without `--key-fd`.
-pub const STREAM_KEYS: bool = false;
+pub const STREAM_KEYS: bool = true;
 /// The option of bind-input and bind-output naming the descriptor their
 /// stream secret is read from (to end-of-file, then closed).
 pub const KEY_FD_OPTION: &str = "--key-fd";
