@@ -703,9 +703,13 @@ impl Sender<'_> {
         use crate::secure::Frame;
         let link = self.link.as_mut().expect("polled only with a link");
         let mut chunk = [0u8; 4096];
+        let mut eof = false;
         loop {
             match link.stream.read(&mut chunk) {
-                Ok(0) => return Err("the receiver closed the connection".into()),
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
                 Ok(n) => link.inbuf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -732,6 +736,10 @@ impl Sender<'_> {
             }
         }
         link.inbuf.drain(..used);
+        // The receiver closes after acknowledging the end: that is no break.
+        if eof && !(link.close_sent && self.spool.unacked() == 0) {
+            return Err("the receiver closed the connection".into());
+        }
         Ok(())
     }
 
@@ -765,7 +773,13 @@ impl Sender<'_> {
     }
 
     fn try_reconnect(&mut self) -> Result<()> {
-        let limit = self.opts.connect_timeout.min(Duration::from_secs(5));
+        // One attempt must not hold the binding long: a receiver that
+        // accepts and then says nothing is as good as gone.
+        let limit = self
+            .opts
+            .connect_timeout
+            .min(self.opts.peer_timeout)
+            .min(Duration::from_secs(5));
         let broken = self.broken.unwrap_or_else(Instant::now);
         match establish(self.opts, &self.id, self.spool.acked(), limit) {
             Ok((link, offset)) => {

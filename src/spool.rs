@@ -88,6 +88,8 @@ impl Spool {
     /// make room.
     pub fn push(&mut self, bytes: &[u8]) {
         assert!(bytes.len() <= self.room(), "pushed past the spool's room");
+        // Under DropOldest the spool may go over its limit by the rest of
+        // one line half on the wire (see `drop_unsent`).
         let over = (self.buf.len() + bytes.len()).saturating_sub(self.limit);
         if over > 0 {
             self.drop_unsent(over);
@@ -99,7 +101,15 @@ impl Spool {
     /// it can. The dropped bytes were never sent, so they leave the
     /// stream: later bytes take their offsets.
     fn drop_unsent(&mut self, need: usize) {
-        let start = (self.sent - self.acked) as usize;
+        let mut start = (self.sent - self.acked) as usize;
+        // Data frames end anywhere: the rest of a line whose start is on
+        // the wire is kept, or the receiver would glue two lines together.
+        if start > 0 && self.buf[start - 1] != b'\n' {
+            match self.buf.range(start..).position(|&b| b == b'\n') {
+                Some(i) => start += i + 1,
+                None => return,
+            }
+        }
         let unsent = self.buf.len() - start;
         let mut cut = 0;
         let mut lines = 0;
@@ -218,6 +228,24 @@ mod tests {
         s.sent(9);
         s.ack(12).unwrap();
         assert_eq!(s.unacked(), 0);
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_rest_of_a_line_half_sent() {
+        let mut s = Spool::new(12, Full::DropOldest);
+        s.push(b"aaaa\nbbbbbb");
+        s.sent(7); // "aaaa\nbb" on the wire
+        s.push(b"b\ncc\n");
+        s.push(b"dd\nee\n");
+        let (a, b) = s.unsent(usize::MAX);
+        let rest = [a, b].concat();
+        // The rest of "bbbbbbb\n" is kept whole; "cc" went for room.
+        assert!(
+            rest.starts_with(b"bbbbb\ndd\n"),
+            "{:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        assert!(!rest.windows(2).any(|w| w == b"cc"));
     }
 
     #[test]

@@ -11,3 +11,4 @@ mod man;
 mod operate;
 mod pool_master;
 mod seed;
+mod streams;

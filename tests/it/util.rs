@@ -1176,3 +1176,217 @@ pub fn burst(port: u16, n: usize, text: impl Fn(usize) -> String) {
         let _ = s.shutdown(std::net::Shutdown::Write);
     }
 }
+
+// ---------------------------------------------------------------------
+// A relay that breaks connections when the test says so.
+
+/// How [`FaultRelay::cut`] breaks the connections it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Both ends get a reset (SO_LINGER 0, then close).
+    Reset,
+    /// Nothing more is forwarded either way, and the sockets stay open:
+    /// a link that went silent (a NAT that forgot the flow).
+    Hold,
+}
+
+/// A TCP relay on 127.0.0.1 to 127.0.0.1:`to`, one thread per connection
+/// polling both sides. [`FaultRelay::cut`] breaks every connection it
+/// carries now; [`FaultRelay::refuse`] makes it reset new connections at
+/// once (the receiver's side unreachable). It counts the bytes it has
+/// forwarded towards `to`, and when it last forwarded any.
+pub struct FaultRelay {
+    pub port: u16,
+    shared: std::sync::Arc<FaultShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct FaultShared {
+    stop: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicBool,
+    /// Bumped by each cut; a connection older than it is cut.
+    generation: std::sync::atomic::AtomicU64,
+    kind: std::sync::Mutex<Option<Cut>>,
+    upstream: std::sync::atomic::AtomicU64,
+    /// When bytes last went upstream, and connections accepted.
+    last_up: std::sync::Mutex<Option<Instant>>,
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+impl FaultRelay {
+    pub fn start(to: u16) -> FaultRelay {
+        let (listener, port) = listener();
+        listener.set_nonblocking(true).unwrap();
+        let shared = std::sync::Arc::new(FaultShared::default());
+        let sh = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !sh.stop.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                };
+                if sh.refuse.load(Ordering::Relaxed) {
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                    continue;
+                };
+                sh.accepted.fetch_add(1, Ordering::Relaxed);
+                let born = sh.generation.load(Ordering::SeqCst);
+                let sh2 = sh.clone();
+                conns.push(std::thread::spawn(move || {
+                    fault_pump(client, server, born, &sh2)
+                }));
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FaultRelay {
+            port,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Breaks every connection carried now, the way `kind` says.
+    pub fn cut(&self, kind: Cut) {
+        *self.shared.kind.lock().unwrap() = Some(kind);
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// While `on`, new connections are reset at once.
+    pub fn refuse(&self, on: bool) {
+        self.shared.refuse.store(on, Ordering::SeqCst);
+    }
+
+    /// Bytes forwarded towards `to` so far.
+    pub fn upstream_bytes(&self) -> u64 {
+        self.shared.upstream.load(Ordering::SeqCst)
+    }
+
+    /// When bytes last went towards `to`.
+    pub fn last_upstream(&self) -> Option<Instant> {
+        *self.shared.last_up.lock().unwrap()
+    }
+
+    /// Connections forwarded so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultRelay {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fault_pump(mut client: TcpStream, mut server: TcpStream, born: u64, sh: &FaultShared) {
+    client.set_nonblocking(true).unwrap();
+    server.set_nonblocking(true).unwrap();
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Bytes read from one side and not yet taken by the other.
+    let mut to_server: Vec<u8> = Vec::new();
+    let mut to_client: Vec<u8> = Vec::new();
+    let mut held = false;
+    loop {
+        if sh.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if !held && sh.generation.load(Ordering::SeqCst) > born {
+            match sh.kind.lock().unwrap().unwrap_or(Cut::Reset) {
+                Cut::Reset => {
+                    for s in [&client, &server] {
+                        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+                    }
+                    return;
+                }
+                Cut::Hold => held = true,
+            }
+        }
+        if held {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: client.as_raw_fd(),
+                events: libc::POLLIN
+                    | if to_client.is_empty() {
+                        0
+                    } else {
+                        libc::POLLOUT
+                    },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: server.as_raw_fd(),
+                events: libc::POLLIN
+                    | if to_server.is_empty() {
+                        0
+                    } else {
+                        libc::POLLOUT
+                    },
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds on the stack.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
+        // Reads only while the other side has taken what came before, so
+        // the relay buffers at most one chunk each way.
+        if to_server.is_empty() && fds[0].revents != 0 {
+            match client.read(&mut chunk) {
+                Ok(0) => {
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Ok(n) => to_server.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+        if to_client.is_empty() && fds[1].revents != 0 {
+            match server.read(&mut chunk) {
+                Ok(0) => {
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Ok(n) => to_client.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+        if !to_server.is_empty() {
+            match server.write(&to_server) {
+                Ok(n) => {
+                    to_server.drain(..n);
+                    sh.upstream.fetch_add(n as u64, Ordering::SeqCst);
+                    *sh.last_up.lock().unwrap() = Some(Instant::now());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+        if !to_client.is_empty() {
+            match client.write(&to_client) {
+                Ok(n) => {
+                    to_client.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
