@@ -300,7 +300,7 @@ impl Pool {
                 .filter(|p| net::canonical(p.peer.ip()) == ip)
                 .count();
             if from_ip >= MAX_PENDING_PER_ADDR {
-                log::debug!("connection from {peer}: {from_ip} handshakes from {ip} already");
+                // Not logged: a flood would flood the log too.
                 turn_away(&stream, BUSY);
                 continue;
             }

@@ -213,8 +213,20 @@ impl From<Failure> for Error {
         let status = match &failure {
             // A stop is no failure to report: only its status counts.
             Failure::Stopped(sig) => return Error::new(ExitStatus::Signal(*sig as i32), ""),
+            // A peer that vanished, not a file we failed to create nor a
+            // local I/O error.
+            Failure::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                ExitStatus::Unavailable
+            }
             Failure::Io(e) => match ExitStatus::of_io(e) {
-                // A peer that vanished, not a file we failed to create.
                 ExitStatus::CantCreate => ExitStatus::Unavailable,
                 status => status,
             },

@@ -10,5 +10,6 @@ mod limits;
 mod man;
 mod operate;
 mod pool_master;
+mod protocol2;
 mod seed;
 mod streams;
