@@ -10,7 +10,7 @@
 //!
 //! The variables are taken out of the environment at once, so no child
 //! mistakes them for its own; the descriptor is adopted before the
-//! inherited ones are closed (see `daemon::close_inherited`).
+//! inherited ones are closed (see `background::close_inherited`).
 
 use std::net::{IpAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -31,7 +31,7 @@ static INHERITED: Mutex<Option<OwnedFd>> = Mutex::new(None);
 /// Adopts the socket a manager passed to this process, if it passed one.
 /// Call it while the process is single-threaded (it changes the
 /// environment) and before inherited descriptors are closed.
-pub fn adopt() -> Result<()> {
+pub(crate) fn adopt() -> Result<()> {
     let pid = std::env::var(ENV_PID).ok();
     let fds = std::env::var(ENV_FDS).ok();
     // SAFETY: the caller guarantees no other thread runs.
@@ -67,12 +67,12 @@ pub fn adopt() -> Result<()> {
 
 /// Closes the adopted socket unused: for a forked child that must not
 /// hold the port.
-pub fn forget() {
+pub(crate) fn forget() {
     drop(INHERITED.lock().unwrap_or_else(|e| e.into_inner()).take());
 }
 
 /// Whether `fd` is the adopted socket (which must stay open).
-pub fn holds(fd: RawFd) -> bool {
+pub(crate) fn holds(fd: RawFd) -> bool {
     INHERITED
         .lock()
         .map(|s| s.as_ref().is_some_and(|o| o.as_raw_fd() == fd))
@@ -82,7 +82,7 @@ pub fn holds(fd: RawFd) -> bool {
 /// The listening socket to serve PORT on: the adopted one if a manager
 /// passed one (it must listen on PORT: the command line stays the truth),
 /// else our own, as [`net::listen`] opens it.
-pub fn listen(bind: Option<IpAddr>, port: Port) -> Result<TcpListener> {
+pub(crate) fn listen(bind: Option<IpAddr>, port: Port) -> Result<TcpListener> {
     let inherited = INHERITED.lock().unwrap_or_else(|e| e.into_inner()).take();
     let Some(fd) = inherited else {
         return net::listen(bind, port);

@@ -8,18 +8,18 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Longest ID: short enough to leave room for bookkeeping names around it.
-pub const MAX_ID_LEN: usize = 64;
-pub const MIN_PORT: u16 = 1024;
-pub const MAX_PORT: u16 = 49151;
+pub(crate) const MAX_ID_LEN: usize = 64;
+pub(crate) const MIN_PORT: u16 = 1024;
+pub(crate) const MAX_PORT: u16 = 49151;
 
 /// A binding's name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not
 /// starting with `.` or `-`. So it is never a path, never an option, and
 /// never clashes with the dot-names of the bookkeeping files.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(String);
+pub(crate) struct Id(String);
 
 impl Id {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -58,7 +58,7 @@ impl fmt::Display for Id {
 /// A TCP port in the registered range 1024–49151: not a privileged port,
 /// not one the kernel hands out as ephemeral.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Port(pub u16);
+pub(crate) struct Port(pub u16);
 
 impl FromStr for Port {
     type Err = String;
@@ -95,7 +95,7 @@ impl Key {
         Ok(Key(bytes))
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
@@ -163,10 +163,10 @@ mod tests {
 /// Checking the form first means a typo is a usage error, not a query
 /// sent to a name server.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Host(String);
+pub(crate) struct Host(String);
 
 impl Host {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }

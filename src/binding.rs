@@ -3,16 +3,16 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
 use crate::args::Id;
+use crate::background::{self, Ready};
 use crate::claim::{Claim, Refused};
-use crate::daemon::{self, Ready};
 use crate::error::{Error, ExitStatus, Result};
 use crate::fifo::Fifo;
 use crate::logging;
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::runtime_dir::RuntimeDir;
 use crate::signals::{self, Signals};
@@ -21,33 +21,33 @@ use crate::sweep;
 /// A claimed ID with its FIFO. Dropping it removes both, so no failure
 /// path of a binding leaves them behind; only the foreground half of a
 /// daemonizing start, which hands them to the daemon, forgets it.
-pub struct Binding {
-    pub id: Id,
-    pub dir: RuntimeDir,
+pub(crate) struct Binding {
+    pub(crate) id: Id,
+    pub(crate) dir: RuntimeDir,
     /// `None` only while being dropped.
     claim: Option<Claim>,
-    pub fifo: Fifo,
+    pub(crate) fifo: Fifo,
     watchdog: Option<OwnedFd>,
 }
 
 /// Options every binding command takes.
 #[derive(Clone, Debug, Default)]
-pub struct Common {
+pub(crate) struct BindingOptions {
     /// Stay in the foreground: print the PID when ready and keep running.
-    pub foreground: bool,
+    pub(crate) foreground: bool,
     /// A pipe's read end held open by a parent; end-of-file on it means the
     /// parent died, and the binding closes.
-    pub watchdog_fd: Option<RawFd>,
+    pub(crate) watchdog_fd: Option<RawFd>,
     /// With `foreground`: a descriptor to write a newline to once ready
     /// (s6's notification-fd).
-    pub ready_fd: Option<RawFd>,
+    pub(crate) ready_fd: Option<RawFd>,
 }
 
 impl Binding {
     /// Takes over the descriptors given (the watchdog) and lets go of the
     /// others inherited, sweeps the runtime directory, claims `id` and
     /// creates its FIFO.
-    pub fn open(id: &Id, common: &Common) -> Result<Binding> {
+    pub(crate) fn open(id: &Id, common: &BindingOptions) -> Result<Binding> {
         // Checked first: a bad descriptor is a usage error, refused before
         // anything is created.
         let watchdog = common.watchdog_fd.map(adopt_fd).transpose()?;
@@ -56,7 +56,7 @@ impl Binding {
         if !common.foreground {
             // A daemon must not keep its caller's descriptors: a pipe held
             // open here would hang `pid=$(bind-input ... 3> >(cat))`.
-            daemon::close_inherited(watchdog.as_ref().map(|w| w.as_raw_fd()));
+            background::close_inherited(watchdog.as_ref().map(|w| w.as_raw_fd()));
         }
         // Only our own name is reclaimed now (the claim does that); the
         // rest of the directory is swept once we are ready, so a start
@@ -101,27 +101,32 @@ impl Binding {
 
     /// Tells the foreground the binding works, then sweeps the runtime
     /// directory of what dead owners left (see [`sweep`]).
-    pub fn ready(&self, ready: &mut Ready) {
+    pub(crate) fn ready(&self, ready: &mut Ready) {
         ready.notify();
         sweep::sweep(&self.dir);
     }
 
     /// Removes the FIFO and the claim: nothing of the binding is left.
     /// (Dropping does the same; this says it where it is meant.)
-    pub fn close(self) {
+    pub(crate) fn close(self) {
         drop(self);
     }
 
     /// Goes to the background (unless `common.foreground`) and runs
     /// `serve` there with the stop events set up, the claim recorded and
     /// logging started. `serve` calls [`Ready::notify`] once it works.
-    pub fn run<F>(mut self, program: &'static str, common: &Common, serve: F) -> Result<()>
+    pub(crate) fn run<F>(
+        mut self,
+        program: &'static str,
+        common: &BindingOptions,
+        serve: F,
+    ) -> Result<()>
     where
-        F: FnOnce(&mut Binding, &Stop, &mut Ready) -> Result<()>,
+        F: FnOnce(&mut Binding, &StopEvents, &mut Ready) -> Result<()>,
     {
         let watchdog = self.watchdog.take();
         let log_path = self.dir.dotfile(self.id.as_str(), "log");
-        daemon::detach(common.foreground, move |ready| {
+        background::detach(common.foreground, move |ready| {
             if common.foreground {
                 logging::to_stderr(program);
             } else {
@@ -138,7 +143,7 @@ impl Binding {
                     Error::io(format!("{} (reading /proc/self/stat)", what()), &why)
                 })?;
                 claim.record(me).map_err(|e| Error::io(what(), &e))?;
-                let stop = Stop {
+                let stop = StopEvents {
                     signals: Signals::block(&[signals::DRAIN]).map_err(|e| {
                         Error::new(e.status, format!("cannot set up the signals: {e}"))
                     })?,
@@ -185,14 +190,14 @@ fn adopt_fd(fd: RawFd) -> Result<OwnedFd> {
 }
 
 /// The events that stop a binding: a signal, or its parent's death.
-pub struct Stop {
-    pub signals: Signals,
-    pub watchdog: Option<OwnedFd>,
+pub(crate) struct StopEvents {
+    pub(crate) signals: Signals,
+    pub(crate) watchdog: Option<OwnedFd>,
 }
 
 /// Why a binding stops.
 #[derive(Debug)]
-pub enum Reason {
+pub(crate) enum Reason {
     Signal(nix::sys::signal::Signal),
     ParentGone,
     /// [`signals::DRAIN`]: the writer is done.
@@ -209,64 +214,15 @@ impl std::fmt::Display for Reason {
     }
 }
 
-/// A set of descriptors to poll, rebuilt each round.
-#[derive(Default)]
-pub struct PollSet {
-    fds: Vec<libc::pollfd>,
-}
-
-pub const IN: i16 = libc::POLLIN;
-pub const OUT: i16 = libc::POLLOUT;
-/// Error, hang-up or invalid: reported whatever was asked.
-pub const TROUBLE: i16 = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
-
-impl PollSet {
-    pub fn clear(&mut self) {
-        self.fds.clear();
-    }
-
-    /// Adds `fd`; returns its slot for [`PollSet::revents`].
-    pub fn add(&mut self, fd: BorrowedFd<'_>, events: i16) -> usize {
-        self.fds.push(libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events,
-            revents: 0,
-        });
-        self.fds.len() - 1
-    }
-
-    /// Waits for events, at most `timeout` (forever when `None`).
-    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = match timeout {
-            // Round up, so a deadline is not missed by a millisecond spin.
-            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-            None => -1,
-        };
-        // SAFETY: the pointer and length describe our own vector.
-        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-        Ok(())
-    }
-
-    pub fn revents(&self, slot: usize) -> i16 {
-        self.fds[slot].revents
-    }
-}
-
-impl Stop {
-    /// Adds the stop events to `set`; pass the result to [`Stop::check`].
-    pub fn register(&self, set: &mut PollSet) -> (usize, Option<usize>) {
+impl StopEvents {
+    /// Adds the stop events to `set`; pass the result to [`StopEvents::check`].
+    pub(crate) fn register(&self, set: &mut PollSet) -> (usize, Option<usize>) {
         let sig = set.add(self.signals.as_fd(), IN);
         let dog = self.watchdog.as_ref().map(|w| set.add(w.as_fd(), IN));
         (sig, dog)
     }
 
-    pub fn check(&self, set: &PollSet, slots: (usize, Option<usize>)) -> Option<Reason> {
+    pub(crate) fn check(&self, set: &PollSet, slots: (usize, Option<usize>)) -> Option<Reason> {
         if set.revents(slots.0) != 0
             && let Some(sig) = self.signals.next()
         {

@@ -19,13 +19,13 @@ use crate::process::ProcessId;
 
 /// A held claim. Dropping it releases the lock but leaves the file;
 /// [`Claim::release`] removes it first.
-pub struct Claim {
+pub(crate) struct Claim {
     path: PathBuf,
     lock: Flock<File>,
 }
 
 /// Why a claim was not granted.
-pub enum Refused {
+pub(crate) enum Refused {
     /// Somebody holds it: the recorded owner, if one is written yet.
     Held(Option<ProcessId>),
     Io(io::Error),
@@ -37,7 +37,7 @@ const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 impl Claim {
     /// Takes the claim at `path` without waiting for a live owner.
-    pub fn take(path: &Path) -> Result<Claim, Refused> {
+    pub(crate) fn take(path: &Path) -> Result<Claim, Refused> {
         let deadline = Instant::now() + BUSY_RETRY;
         loop {
             match Claim::lock(path, true) {
@@ -54,7 +54,7 @@ impl Claim {
     /// Takes the claim at `path` if it is free this instant. A refusal
     /// does not say who holds it (the sweep, which asks this of every
     /// name, has no use for it).
-    pub fn take_now(path: &Path) -> Result<Claim, Refused> {
+    pub(crate) fn take_now(path: &Path) -> Result<Claim, Refused> {
         Claim::lock(path, false)
     }
 
@@ -99,19 +99,19 @@ impl Claim {
     }
 
     /// Records `owner` as the holder (after a fork the holder changes).
-    pub fn record(&mut self, owner: ProcessId) -> io::Result<()> {
+    pub(crate) fn record(&mut self, owner: ProcessId) -> io::Result<()> {
         let file: &mut File = &mut self.lock;
         file.set_len(0)?;
         file.rewind()?;
         file.write_all(format!("{owner}\n").as_bytes())
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Removes the claim file, then lets the lock go.
-    pub fn release(self) {
+    pub(crate) fn release(self) {
         let _ = fs::remove_file(&self.path);
     }
 }
@@ -123,7 +123,7 @@ fn read_owner(file: &mut File) -> Option<ProcessId> {
 }
 
 /// The recorded owner of a claim file, if it can be read.
-pub fn owner(path: &Path) -> Option<ProcessId> {
+pub(crate) fn owner(path: &Path) -> Option<ProcessId> {
     read_owner(&mut File::open(path).ok()?)
 }
 

@@ -14,7 +14,7 @@ use clap::Parser;
 use std::path::PathBuf;
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::Common;
+use crate::binding::BindingOptions;
 use crate::error::{Error, ExitStatus, Result};
 use crate::input::InputOptions;
 use crate::master::MasterOptions;
@@ -85,46 +85,46 @@ fn seconds_or_zero(s: &str) -> std::result::Result<Duration, String> {
 
 /// Options shared by the two binding commands.
 #[derive(clap::Args, Debug)]
-pub struct CommonArgs {
+pub(crate) struct CommonArgs {
     /// Stay in the foreground: print the PID once ready, keep running, log
     /// to stderr (for supervisors such as systemd, a pool or a master)
     #[arg(short = 'f', long)]
-    pub foreground: bool,
+    pub(crate) foreground: bool,
 
     /// Close properly when this inherited descriptor (a pipe's read end)
     /// reaches end-of-file, i.e. when the process holding its write end dies
     #[arg(long, value_name = "FD")]
-    pub watchdog_fd: Option<RawFd>,
+    pub(crate) watchdog_fd: Option<RawFd>,
 
     /// With --foreground: write a newline to this inherited descriptor once
     /// ready, then close it (s6's notification-fd)
     #[arg(long, value_name = "FD", requires = "foreground")]
-    pub ready_fd: Option<RawFd>,
+    pub(crate) ready_fd: Option<RawFd>,
 }
 
 /// The key options of the two binding commands: with one, the binding
 /// speaks the authenticated, resumable stream protocol (see stream.rs).
 #[derive(clap::Args, Debug)]
-pub struct StreamKeyArgs {
+pub(crate) struct StreamKeyArgs {
     /// Speak the authenticated, encrypted, resumable stream protocol with
     /// this shared key (KEY `-`: from --key-file, else FIFOBIND_KEY)
     #[arg(long, value_name = "KEY", conflicts_with = "key_fd")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
 
     /// With --key -: read the key from FILE (its first line)
     #[arg(long, value_name = "FILE", requires = "key")]
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
 
     /// Read the stream's secret from this inherited descriptor (to
     /// end-of-file, at most 128 bytes), then close it
     #[arg(long, value_name = "FD")]
-    pub key_fd: Option<RawFd>,
+    pub(crate) key_fd: Option<RawFd>,
 }
 
 impl StreamKeyArgs {
     /// The key, if any: through [`KeyArgs::resolve`] (environment wiped,
     /// process undumpable, key file bounded), or from `--key-fd`.
-    pub fn resolve(&self) -> Result<Option<Key>> {
+    pub(crate) fn resolve(&self) -> Result<Option<Key>> {
         if let Some(fd) = self.key_fd {
             return crate::stream::read_key_fd(fd).map(Some);
         }
@@ -138,11 +138,19 @@ impl StreamKeyArgs {
         };
         args.resolve().map(Some)
     }
+
+    /// A child's command line gets the descriptor, never a key itself
+    /// unless the parent was given one on its own (`-` stays `-`).
+    fn push_args(&self, a: &mut Args) {
+        a.value("--key", self.key.as_ref());
+        a.value("--key-file", self.key_file.as_ref().map(|p| p.display()));
+        a.value("--key-fd", self.key_fd);
+    }
 }
 
-impl From<CommonArgs> for Common {
-    fn from(a: CommonArgs) -> Common {
-        Common {
+impl From<CommonArgs> for BindingOptions {
+    fn from(a: CommonArgs) -> BindingOptions {
+        BindingOptions {
             foreground: a.foreground,
             watchdog_fd: a.watchdog_fd,
             ready_fd: a.ready_fd,
@@ -157,57 +165,57 @@ impl From<CommonArgs> for Common {
 pub struct BindInput {
     /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
     #[arg(value_name = "ID")]
-    pub id: Id,
+    pub(crate) id: Id,
 
     /// The TCP port to listen on, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Listen on this local address only (default: every address, IPv4 and
     /// IPv6)
     #[arg(short, long, value_name = "ADDR")]
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
 
     /// Serve a single connection; once it has ended and the FIFO has been
     /// read empty, remove the FIFO and exit
     #[arg(long)]
-    pub once: bool,
+    pub(crate) once: bool,
 
     /// Accept connections from these addresses only (ADDR or ADDR/PREFIX;
     /// repeat the option or separate with commas); others are closed at once
     #[arg(long, value_name = "ADDR[/PREFIX]", value_delimiter = ',')]
-    pub allow: Vec<crate::net::Allow>,
+    pub(crate) allow: Vec<crate::net::Allow>,
 
     /// Serve at most N connections at once; further ones wait in the
     /// listen backlog (0: no limit)
     #[arg(long, value_name = "N", default_value = "128")]
-    pub max_conns: usize,
+    pub(crate) max_conns: usize,
 
     /// Serve at most N connections from one address at once; further ones
     /// from it are closed at once (0: no limit)
     #[arg(long, value_name = "N", default_value = "0")]
-    pub max_conns_per_addr: usize,
+    pub(crate) max_conns_per_addr: usize,
 
     /// Close a connection that has sent nothing within SECS seconds of
     /// connecting (0: never; default 60, never with --once)
     #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
 
     /// Let a connection hold the FIFO in the middle of a line for SECS
     /// seconds of waiting for its rest; then complete the line and close
-    /// the connection (0: no limit)
-    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero, default_value = "10")]
-    pub line_timeout: Duration,
+    /// the connection (0: no limit; default 10, none with --once)
+    #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
+    pub(crate) line_timeout: Option<Duration>,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds
     #[arg(long, value_name = "SECS", value_parser = seconds, requires = "once")]
-    pub accept_timeout: Option<Duration>,
+    pub(crate) accept_timeout: Option<Duration>,
 
     #[command(flatten)]
-    pub key: StreamKeyArgs,
+    pub(crate) key: StreamKeyArgs,
 
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 impl BindInput {
@@ -230,7 +238,11 @@ impl BindInput {
                 None if a.once => None,
                 None => Some(crate::input::IDLE_TIMEOUT),
             },
-            line_timeout: (!a.line_timeout.is_zero()).then_some(a.line_timeout),
+            line_timeout: match a.line_timeout {
+                Some(t) => (!t.is_zero()).then_some(t),
+                None if a.once => None,
+                None => Some(crate::input::LINE_TIMEOUT),
+            },
             common: a.common.into(),
         })
     }
@@ -243,56 +255,56 @@ impl BindInput {
 pub struct BindOutput {
     /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
     #[arg(value_name = "ID")]
-    pub id: Id,
+    pub(crate) id: Id,
 
     /// The host to connect to: a name, an IPv4 or an IPv6 address
     #[arg(value_name = "HOST")]
-    pub host: Host,
+    pub(crate) host: Host,
 
     /// The remote TCP port, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Give up connecting after SECS seconds (status 75)
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     #[command(flatten)]
-    pub key: StreamKeyArgs,
+    pub(crate) key: StreamKeyArgs,
 
     /// Without a key: when the connection breaks, connect again (with
     /// backoff) instead of exiting; what was in flight may be lost
     #[arg(long, conflicts_with_all = ["key", "key_fd"])]
-    pub reconnect: bool,
+    pub(crate) reconnect: bool,
 
     /// With a key: hold at most SIZE bytes not yet acknowledged by the
     /// receiver (K, M, G suffixes)
     #[arg(long, value_name = "SIZE", value_parser = crate::stream::parse_size, default_value = "8M")]
-    pub spool: usize,
+    pub(crate) spool: usize,
 
     /// With a key, when the spool is full: block (stop reading the FIFO, so
     /// writers wait) or drop-oldest (drop the oldest unsent lines, counted
     /// in the log)
     #[arg(long, value_name = "POLICY", value_parser = ["block", "drop-oldest"], default_value = "block")]
-    pub spool_full: String,
+    pub(crate) spool_full: String,
 
     /// The longest wait between two attempts to reconnect (the delay starts
     /// at 0.1 s and doubles, with jitter)
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "5")]
-    pub backoff_max: Duration,
+    pub(crate) backoff_max: Duration,
 
     /// Keep trying to reconnect for SECS seconds after a break, then exit
     /// (status 69); 0: exit at the first break (default: forever)
     #[arg(long, value_name = "SECS", value_parser = seconds_or_zero)]
-    pub retry_for: Option<Duration>,
+    pub(crate) retry_for: Option<Duration>,
 
     /// With a key: a receiver silent for SECS seconds (it acknowledges
     /// every second) is taken for gone, and the binding reconnects
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub peer_timeout: Duration,
+    pub(crate) peer_timeout: Duration,
 
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 impl BindOutput {
@@ -321,30 +333,156 @@ impl BindOutput {
     }
 }
 
+/// A binding a pool or master starts as its child, held as the clap type
+/// its command line parses into: a renamed or removed flag then breaks the
+/// build or the round-trip test below, never a pool at run time.
+pub(crate) enum ChildBinding {
+    Input(BindInput),
+    Output(BindOutput),
+}
+
+impl ChildBinding {
+    /// `bind-input ID PORT` with every option at its default.
+    pub(crate) fn input(id: &Id, port: Port) -> BindInput {
+        BindInput::try_parse_from(["bind-input", id.as_str(), &port.to_string()])
+            .expect("a valid ID and port parse")
+    }
+
+    /// `bind-output ID HOST PORT` with every option at its default.
+    pub(crate) fn output(id: &Id, host: &Host, port: Port) -> BindOutput {
+        BindOutput::try_parse_from(["bind-output", id.as_str(), host.as_str(), &port.to_string()])
+            .expect("a valid ID, host and port parse")
+    }
+
+    pub(crate) fn program(&self) -> &'static str {
+        match self {
+            ChildBinding::Input(_) => "bind-input",
+            ChildBinding::Output(_) => "bind-output",
+        }
+    }
+
+    pub(crate) fn common_mut(&mut self) -> &mut CommonArgs {
+        match self {
+            ChildBinding::Input(b) => &mut b.common,
+            ChildBinding::Output(b) => &mut b.common,
+        }
+    }
+
+    /// Makes it read its stream's secret from descriptor `fd`.
+    pub(crate) fn set_key_fd(&mut self, fd: RawFd) {
+        match self {
+            ChildBinding::Input(b) => b.key.key_fd = Some(fd),
+            ChildBinding::Output(b) => b.key.key_fd = Some(fd),
+        }
+    }
+
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        match self {
+            ChildBinding::Input(b) => b.to_args(),
+            ChildBinding::Output(b) => b.to_args(),
+        }
+    }
+}
+
+/// Builds an argument list, flag by flag.
+#[derive(Default)]
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&mut self, name: &str, on: bool) {
+        if on {
+            self.0.push(name.to_string());
+        }
+    }
+
+    fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
+        if let Some(v) = value {
+            self.0.extend([name.to_string(), v.to_string()]);
+        }
+    }
+
+    fn secs(&mut self, name: &str, value: Option<Duration>) {
+        self.value(name, value.map(|d| d.as_secs_f64()));
+    }
+}
+
+impl CommonArgs {
+    fn push_args(&self, a: &mut Args) {
+        a.flag("--foreground", self.foreground);
+        a.value("--watchdog-fd", self.watchdog_fd);
+        a.value("--ready-fd", self.ready_fd);
+    }
+}
+
+impl BindInput {
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.value("--bind", self.bind);
+        a.flag("--once", self.once);
+        for allow in &self.allow {
+            a.value("--allow", Some(allow));
+        }
+        a.value("--max-conns", Some(self.max_conns));
+        a.value("--max-conns-per-addr", Some(self.max_conns_per_addr));
+        a.secs("--idle-timeout", self.idle_timeout);
+        a.secs("--line-timeout", self.line_timeout);
+        a.secs("--accept-timeout", self.accept_timeout);
+        self.key.push_args(&mut a);
+        self.common.push_args(&mut a);
+        a.0.extend([self.id.to_string(), self.port.to_string()]);
+        a.0
+    }
+}
+
+impl BindOutput {
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.secs("--connect-timeout", Some(self.connect_timeout));
+        self.key.push_args(&mut a);
+        a.flag("--reconnect", self.reconnect);
+        a.value("--spool", Some(self.spool));
+        a.value("--spool-full", Some(&self.spool_full));
+        a.secs("--backoff-max", Some(self.backoff_max));
+        a.secs("--retry-for", self.retry_for);
+        a.secs("--peer-timeout", Some(self.peer_timeout));
+        self.common.push_args(&mut a);
+        a.0.extend([
+            self.id.to_string(),
+            self.host.to_string(),
+            self.port.to_string(),
+        ]);
+        a.0
+    }
+}
+
 /// The environment variable a KEY of `-` is read from.
-pub const ENV_KEY: &str = "FIFOBIND_KEY";
+pub(crate) const ENV_KEY: &str = "FIFOBIND_KEY";
 
 /// Options for the shared key, common to pool and master.
 #[derive(clap::Args, Debug)]
-pub struct KeyArgs {
+pub(crate) struct KeyArgs {
     /// The shared key. `-` takes it from --key-file, else from the
     /// FIFOBIND_KEY environment variable, so that it never shows in the
     /// process list
     #[arg(value_name = "KEY")]
-    pub key: String,
+    pub(crate) key: String,
 
     /// With KEY `-`: read the key from FILE (its first line)
     #[arg(long, value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
 
     /// Seconds allowed for each step of the protocol exchange
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// The longest first line a key file may have: a key is a password, not
 /// a file to load whole (`--key-file /dev/zero` must not fill memory).
-pub const MAX_KEY_LINE: usize = 4096;
+pub(crate) const MAX_KEY_LINE: usize = 4096;
 
 impl KeyArgs {
     /// The key, from where the arguments say it is. Holding the key, the
@@ -352,7 +490,7 @@ impl KeyArgs {
     /// processes of the user) and `FIFOBIND_KEY` leaves its environment,
     /// so that no binding, daemon or daemon's child inherits it. Called
     /// from a main before any thread is started.
-    pub fn resolve(&self) -> Result<Key> {
+    pub(crate) fn resolve(&self) -> Result<Key> {
         let bytes = match (self.key.as_str(), &self.key_file) {
             ("-", Some(file)) => read_key_file(file)?,
             ("-", None) => match std::env::var_os(ENV_KEY) {
@@ -452,34 +590,34 @@ fn port_range(s: &str) -> std::result::Result<(u16, u16), String> {
 #[command(name = "pool", version)]
 pub struct Pool {
     #[command(flatten)]
-    pub key: KeyArgs,
+    pub(crate) key: KeyArgs,
 
     /// The TCP port to wait for a master on, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// Listen (and bind the daemons' ports) on this local address only
     #[arg(short, long, value_name = "ADDR")]
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
 
     /// The ports the daemons' bindings are chosen from (the default stays
     /// below the kernel's ephemeral range, 32768 and up)
     #[arg(long, value_name = "LOW-HIGH", value_parser = port_range, default_value = "20000-32767")]
-    pub ports: (u16, u16),
+    pub(crate) ports: (u16, u16),
 
     /// Seconds a daemon's binding waits for the master's connection
     #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
-    pub accept_timeout: Duration,
+    pub(crate) accept_timeout: Duration,
 
     /// Write a newline to this inherited descriptor once listening, then
     /// close it (s6's notification-fd)
     #[arg(long, value_name = "FD")]
-    pub ready_fd: Option<RawFd>,
+    pub(crate) ready_fd: Option<RawFd>,
 
     /// Serve one master's session only: then stop listening, and exit once
     /// its bindings have ended (without it, serve masters until stopped)
     #[arg(long)]
-    pub once: bool,
+    pub(crate) once: bool,
 }
 
 impl Pool {
@@ -506,30 +644,30 @@ impl Pool {
 #[command(name = "master", version)]
 pub struct Master {
     #[command(flatten)]
-    pub key: KeyArgs,
+    pub(crate) key: KeyArgs,
 
     /// The host the pool runs on: a name, an IPv4 or an IPv6 address
     #[arg(value_name = "HOST")]
-    pub host: Host,
+    pub(crate) host: Host,
 
     /// The pool's TCP port, 1024-49151
     #[arg(value_name = "PORT")]
-    pub port: Port,
+    pub(crate) port: Port,
 
     /// The directory of daemons: every executable file in it is run
     #[arg(value_name = "DDIR")]
-    pub ddir: PathBuf,
+    pub(crate) ddir: PathBuf,
 
     /// Give up connecting (to the pool, and to each daemon's port) after
     /// SECS seconds
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     /// The session name asked of the pool (its daemons' streams are
     /// NAME.DAEMON): up to 24 of A-Z a-z 0-9 _ - (default: the short host
     /// name, other characters made '-')
     #[arg(short = 'n', long, value_name = "NAME", value_parser = crate::protocol::parse_name)]
-    pub name: Option<Id>,
+    pub(crate) name: Option<Id>,
 }
 
 /// The short host name (up to its first dot), made a session name.
@@ -560,5 +698,98 @@ impl Master {
             connect_timeout: self.connect_timeout,
             step_timeout: self.key.timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod to_args_tests {
+    use super::*;
+
+    /// What a pool or master builds parses back to the same thing.
+    #[test]
+    fn child_command_lines_round_trip() {
+        let inputs: [&[&str]; 6] = [
+            &["in1", "9999"],
+            &["--once", "--key-fd", "5", "p.d", "20001"],
+            &["--key", "-", "--key-file", "/k", "in1", "9999"],
+            &[
+                "--once",
+                "--allow",
+                "127.0.0.1",
+                "--allow",
+                "10.0.0.0/8",
+                "--accept-timeout",
+                "2.5",
+                "d",
+                "20001",
+            ],
+            &[
+                "-b",
+                "::1",
+                "--max-conns",
+                "5",
+                "--max-conns-per-addr",
+                "2",
+                "--idle-timeout",
+                "0",
+                "--line-timeout",
+                "0.25",
+                "x",
+                "1024",
+            ],
+            &[
+                "-f",
+                "--watchdog-fd",
+                "7",
+                "--ready-fd",
+                "9",
+                "y.z",
+                "49151",
+            ],
+        ];
+        for args in inputs {
+            let first = BindInput::try_parse_from(
+                std::iter::once("bind-input").chain(args.iter().copied()),
+            )
+            .unwrap();
+            let again = BindInput::try_parse_from(
+                std::iter::once("bind-input".to_string()).chain(first.to_args()),
+            )
+            .unwrap();
+            assert_eq!(format!("{first:?}"), format!("{again:?}"), "{args:?}");
+        }
+        let outputs: [&[&str]; 4] = [
+            &["out1", "localhost", "9999"],
+            &["-t", "0.5", "-f", "--watchdog-fd", "3", "o", "::1", "20000"],
+            &[
+                "--key-fd",
+                "4",
+                "--spool",
+                "64K",
+                "--spool-full",
+                "drop-oldest",
+                "--backoff-max",
+                "0.5",
+                "--retry-for",
+                "0",
+                "--peer-timeout",
+                "3",
+                "o",
+                "::1",
+                "20000",
+            ],
+            &["--reconnect", "--retry-for", "30", "o", "h", "20000"],
+        ];
+        for args in outputs {
+            let first = BindOutput::try_parse_from(
+                std::iter::once("bind-output").chain(args.iter().copied()),
+            )
+            .unwrap();
+            let again = BindOutput::try_parse_from(
+                std::iter::once("bind-output".to_string()).chain(first.to_args()),
+            )
+            .unwrap();
+            assert_eq!(format!("{first:?}"), format!("{again:?}"), "{args:?}");
+        }
     }
 }

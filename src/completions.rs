@@ -14,17 +14,17 @@ use crate::cli;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Target {
+pub(crate) enum Target {
     Bash,
     Zsh,
     Fish,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct CompletionsArgs {
+pub(crate) struct CompletionsArgs {
     /// The shell to print the completion script for
     #[arg(value_name = "SHELL", value_enum)]
-    pub shell: Target,
+    pub(crate) shell: Target,
 }
 
 /// Live names for `fifobind stop|path NAME`, after clap's own script.
@@ -62,7 +62,7 @@ complete -c fifobind -n '__fish_seen_subcommand_from stop path' -f -a '(fifobind
 
 /// The script for `shell`: the four commands' and `fifobind`'s (whose
 /// clap definition lives in its main), then the live names.
-pub fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
+pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
     let (generator, live) = match shell {
         Target::Bash => (Shell::Bash, BASH_LIVE),
         Target::Zsh => (Shell::Zsh, ZSH_LIVE),
@@ -83,7 +83,7 @@ pub fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
     out
 }
 
-pub fn run(args: CompletionsArgs, fifobind: clap::Command) -> Result<()> {
+pub(crate) fn run(args: CompletionsArgs, fifobind: clap::Command) -> Result<()> {
     let text = script(args.shell, fifobind);
     match std::io::stdout().lock().write_all(&text) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {

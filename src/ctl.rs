@@ -23,11 +23,11 @@ use crate::runtime_dir;
 )]
 pub struct Fifobind {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Print the path of the FIFO of ID, whether or not it exists; exit 0
     /// if a FIFO is there, 1 if not
     Path {
@@ -57,7 +57,7 @@ pub fn run(cli: Fifobind) -> Result<()> {
 
 /// The FIFO of `id` as the bindings resolve it: absolute, never created
 /// (asking for a path must not make the directory appear).
-pub fn fifo_path(id: &Id) -> Result<PathBuf> {
+pub(crate) fn fifo_path(id: &Id) -> Result<PathBuf> {
     let dir = runtime_dir::locate();
     // Only a relative FIFOBIND_DIR can fail here: the current directory
     // is gone. That is reading the file system failing (74), whatever

@@ -21,19 +21,19 @@ use crate::process::ProcessId;
 use crate::runtime_dir::{self, RuntimeDir};
 
 #[derive(clap::Args, Debug)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Print one JSON array of objects, for scripts (fields in fifobind(1))
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// Print the names only, one a line (for shell completion)
     #[arg(long, hide = true, conflicts_with = "json")]
-    pub names: bool,
+    pub(crate) names: bool,
 }
 
 /// Everything live in the runtime directory: one JSON object each, as
 /// `--json` prints them, in name order (a master's bindings after it).
-pub fn entries() -> Result<Vec<Map<String, Value>>> {
+pub(crate) fn entries() -> Result<Vec<Map<String, Value>>> {
     let path = runtime_dir::locate();
     if !path.exists() {
         return Ok(Vec::new());
@@ -156,17 +156,7 @@ fn fifo_holders(entries: &[Map<String, Value>]) -> HashMap<String, Vec<(i32, i32
     holders
 }
 
-/// The names of the live entries, for completion (see `--names`).
-pub fn names() -> Vec<String> {
-    entries()
-        .unwrap_or_default()
-        .iter()
-        .filter(|e| e.get("owner").is_none_or(Value::is_null))
-        .filter_map(|e| e.get("id").and_then(Value::as_str).map(String::from))
-        .collect()
-}
-
-pub fn run(args: ListArgs) -> Result<()> {
+pub(crate) fn run(args: ListArgs) -> Result<()> {
     let found = entries()?;
     let mut out = std::io::stdout().lock();
     let text = if args.json {

@@ -27,20 +27,20 @@ fn seconds(s: &str) -> std::result::Result<Duration, String> {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct StopArgs {
+pub(crate) struct StopArgs {
     /// The bindings (their IDs), pools and masters (pool@PID, master@PID)
     /// to stop, as `fifobind list` names them
     #[arg(value_name = "NAME", required = true)]
-    pub names: Vec<String>,
+    pub(crate) names: Vec<String>,
 
     /// Lose nothing: a bind-output sends all its FIFO holds first, a
     /// bind-input waits until its FIFO has been read empty
     #[arg(short, long)]
-    pub drain: bool,
+    pub(crate) drain: bool,
 
     /// Give up waiting after SECS seconds (status 75); they keep running
     #[arg(short, long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 struct Target {
@@ -52,7 +52,7 @@ struct Target {
     signalled: bool,
 }
 
-pub fn run(args: StopArgs) -> Result<()> {
+pub(crate) fn run(args: StopArgs) -> Result<()> {
     let deadline = Instant::now() + args.timeout;
     let mut unknown = Vec::new();
     let mut targets = Vec::new();

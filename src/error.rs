@@ -11,7 +11,7 @@ use std::io;
 
 /// Exit statuses, as documented in the man pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitStatus {
+pub(crate) enum ExitStatus {
     /// Everything went well.
     Success,
     /// A master's daemon failed (documented in master(1)).
@@ -45,7 +45,7 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    pub fn code(self) -> i32 {
+    pub(crate) fn code(self) -> i32 {
         match self {
             ExitStatus::Success => 0,
             ExitStatus::Failure => 1,
@@ -66,7 +66,7 @@ impl ExitStatus {
 
     /// The inverse of [`ExitStatus::code`], for statuses passed between
     /// processes (the readiness pipe, a child's exit).
-    pub fn from_code(code: i32) -> ExitStatus {
+    pub(crate) fn from_code(code: i32) -> ExitStatus {
         match code {
             0 => ExitStatus::Success,
             2 => ExitStatus::Usage,
@@ -86,7 +86,7 @@ impl ExitStatus {
     }
 
     /// The status that best describes an operating-system error.
-    pub fn of_io(err: &io::Error) -> ExitStatus {
+    pub(crate) fn of_io(err: &io::Error) -> ExitStatus {
         use io::ErrorKind as K;
         match err.raw_os_error() {
             Some(libc::EACCES) | Some(libc::EPERM) => return ExitStatus::NoPerm,
@@ -116,27 +116,27 @@ impl ExitStatus {
 /// A failure with the exit status it should end the process with.
 #[derive(Debug)]
 pub struct Error {
-    pub status: ExitStatus,
-    pub message: String,
+    pub(crate) status: ExitStatus,
+    pub(crate) message: String,
 }
 
-pub type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn new(status: ExitStatus, message: impl Into<String>) -> Error {
+    pub(crate) fn new(status: ExitStatus, message: impl Into<String>) -> Error {
         Error {
             status,
             message: message.into(),
         }
     }
 
-    pub fn usage(message: impl Into<String>) -> Error {
+    pub(crate) fn usage(message: impl Into<String>) -> Error {
         Error::new(ExitStatus::Usage, message)
     }
 
     /// `what` failed because of `err`: "cannot listen on port 9999:
     /// address already in use".
-    pub fn io(what: impl fmt::Display, err: &io::Error) -> Error {
+    pub(crate) fn io(what: impl fmt::Display, err: &io::Error) -> Error {
         Error::new(
             ExitStatus::of_io(err),
             format!("{what}: {}", describe_io(err)),
@@ -146,14 +146,14 @@ impl Error {
 
 impl Error {
     /// [`Error::io`] for a call made through nix.
-    pub fn nix(what: impl fmt::Display, err: nix::Error) -> Error {
+    pub(crate) fn nix(what: impl fmt::Display, err: nix::Error) -> Error {
         Error::io(what, &io::Error::from(err))
     }
 }
 
 /// `std::io::Error`'s Display appends "(os error N)"; users want only the
 /// words, in lower case as the rest of the line is.
-pub fn describe_io(err: &io::Error) -> String {
+pub(crate) fn describe_io(err: &io::Error) -> String {
     let text = match err.raw_os_error() {
         Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
         None => err.to_string(),
@@ -172,13 +172,6 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-impl From<nix::Error> for Error {
-    fn from(err: nix::Error) -> Error {
-        let io = io::Error::from(err);
-        Error::new(ExitStatus::of_io(&io), describe_io(&io))
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -23,9 +23,9 @@ use crate::error::{Error, ExitStatus, Result};
 
 /// Largest pipe capacity asked for; 1 MiB is the default
 /// `/proc/sys/fs/pipe-max-size`, the most an unprivileged user may set.
-pub const PIPE_CAPACITY: usize = 1 << 20;
+pub(crate) const PIPE_CAPACITY: usize = 1 << 20;
 
-pub struct Fifo {
+pub(crate) struct Fifo {
     path: PathBuf,
     reader: File,
     /// Ours, so that neither end ever waits or sees end-of-file; `None`
@@ -39,7 +39,7 @@ impl Fifo {
     /// Creates the FIFO at `path` and opens both its ends, non-blocking.
     /// The caller holds the claim on the name, so a FIFO already there is
     /// a stale one and is replaced.
-    pub fn create(path: &Path) -> Result<Fifo> {
+    pub(crate) fn create(path: &Path) -> Result<Fifo> {
         let what = || format!("cannot create the FIFO {}", path.display());
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_fifo() => {
@@ -110,36 +110,36 @@ impl Fifo {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The write end, which bind-input writes into. Gone after
     /// [`Fifo::close_writer`], which only bind-output calls.
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         self.writer
             .as_ref()
             .expect("the write end is used only while held")
     }
 
     /// The read end, which bind-output reads from.
-    pub fn reader(&self) -> &File {
+    pub(crate) fn reader(&self) -> &File {
         &self.reader
     }
 
     /// Lets go of our write end: once every other writer has closed the
     /// FIFO too, the read end reads end-of-file.
-    pub fn close_writer(&mut self) {
+    pub(crate) fn close_writer(&mut self) {
         self.writer = None;
     }
 
     /// The pipe's capacity in bytes.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// Bytes written into the pipe and not read yet.
-    pub fn unread(&self) -> usize {
+    pub(crate) fn unread(&self) -> usize {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int through the pointer.
         let rc = unsafe { libc::ioctl(self.reader.as_raw_fd(), libc::FIONREAD, &mut n) };
@@ -147,7 +147,7 @@ impl Fifo {
     }
 
     /// Removes the FIFO from the directory, if it is still ours.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         if let Ok(meta) = fs::symlink_metadata(&self.path)
             && meta.ino() == self.ino
         {

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 
-pub struct LineBuffer {
+pub(crate) struct LineBuffer {
     /// Its size; `buf` has one byte more, for the newline that completes
     /// a last line at end of stream.
     cap: usize,
@@ -26,7 +26,7 @@ pub struct LineBuffer {
 }
 
 impl LineBuffer {
-    pub fn new(cap: usize) -> LineBuffer {
+    pub(crate) fn new(cap: usize) -> LineBuffer {
         LineBuffer {
             cap,
             buf: vec![0; cap + 1],
@@ -37,12 +37,12 @@ impl LineBuffer {
         }
     }
 
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.cap
     }
 
     /// Grows the buffer (never shrinks it).
-    pub fn grow(&mut self, cap: usize) {
+    pub(crate) fn grow(&mut self, cap: usize) {
         if cap > self.cap {
             self.cap = cap;
             self.buf.resize(cap + 1, 0);
@@ -50,17 +50,17 @@ impl LineBuffer {
     }
 
     /// Whether more input can be taken now.
-    pub fn wants_input(&self) -> bool {
+    pub(crate) fn wants_input(&self) -> bool {
         !self.eof && (self.end < self.cap || self.start > 0)
     }
 
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.end == self.cap
     }
 
     /// Where the next input goes; call [`LineBuffer::filled`] with how
     /// much was put there.
-    pub fn space(&mut self) -> &mut [u8] {
+    pub(crate) fn space(&mut self) -> &mut [u8] {
         if self.end == self.cap && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -72,7 +72,7 @@ impl LineBuffer {
     /// Makes `n` bytes of room at the end if the buffer can (moving what
     /// it holds to its start); says whether [`LineBuffer::space`] now has
     /// them. A stream's frames go in whole or wait.
-    pub fn make_room(&mut self, n: usize) -> bool {
+    pub(crate) fn make_room(&mut self, n: usize) -> bool {
         if self.cap - self.end < n && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -81,28 +81,23 @@ impl LineBuffer {
         !self.eof && self.cap - self.end >= n
     }
 
-    /// Bytes held and not yet given out.
-    pub fn pending(&self) -> usize {
-        self.end - self.start
-    }
-
-    pub fn filled(&mut self, n: usize) {
+    pub(crate) fn filled(&mut self, n: usize) {
         self.end += n;
     }
 
     /// No more input: what is left is passed on, with a newline.
-    pub fn end_of_stream(&mut self) {
+    pub(crate) fn end_of_stream(&mut self) {
         self.eof = true;
     }
 
     /// A line has been given out in part and not finished yet.
-    pub fn mid_line(&self) -> bool {
+    pub(crate) fn mid_line(&self) -> bool {
         self.mid_line
     }
 
     /// What may be given out now (then say how much was, with
     /// [`LineBuffer::consumed`]).
-    pub fn writable(&mut self) -> &[u8] {
+    pub(crate) fn writable(&mut self) -> &[u8] {
         let pending = self.end - self.start;
         if pending == 0 {
             // A line longer than the buffer went out in pieces, so its end
@@ -131,7 +126,7 @@ impl LineBuffer {
     }
 
     /// `n` bytes of what [`LineBuffer::writable`] offered were given out.
-    pub fn consumed(&mut self, n: usize) {
+    pub(crate) fn consumed(&mut self, n: usize) {
         if n == 0 {
             return;
         }
@@ -146,7 +141,7 @@ impl LineBuffer {
     /// Gives up on the rest of the stream: what is buffered is dropped,
     /// and a line half given out is completed by its newline. Returns the
     /// number of bytes dropped.
-    pub fn abandon(&mut self) -> usize {
+    pub(crate) fn abandon(&mut self) -> usize {
         let dropped = self.end - self.start;
         self.start = 0;
         self.end = 0;
@@ -155,7 +150,7 @@ impl LineBuffer {
     }
 
     /// Ended, and everything given out, the closing newline included.
-    pub fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         self.eof && self.start == self.end && !self.mid_line
     }
 }
@@ -169,7 +164,7 @@ impl LineBuffer {
 /// into the last page, which only ever takes fewer slots, so the count
 /// never falls short, whatever the reader does meanwhile: a write no
 /// larger than [`PipeRoom::room`] is taken whole.
-pub struct PipeRoom {
+pub(crate) struct PipeRoom {
     page: u64,
     slots: u64,
     written: u64,
@@ -187,7 +182,7 @@ const TRACKED: usize = 1024;
 
 impl PipeRoom {
     /// A model of an empty pipe of `capacity` bytes with pages of `page`.
-    pub fn new(capacity: usize, page: usize) -> PipeRoom {
+    pub(crate) fn new(capacity: usize, page: usize) -> PipeRoom {
         PipeRoom {
             page: page as u64,
             slots: (capacity / page) as u64,
@@ -200,7 +195,7 @@ impl PipeRoom {
 
     /// The pipe holds `unread` bytes now (FIONREAD): the reader has passed
     /// the rest.
-    pub fn unread(&mut self, unread: usize) {
+    pub(crate) fn unread(&mut self, unread: usize) {
         let consumed = self.written.saturating_sub(unread as u64);
         self.consumed = self.consumed.max(consumed);
         while let Some(&(_, end, pages, _)) = self.writes.front() {
@@ -222,12 +217,12 @@ impl PipeRoom {
     }
 
     /// Bytes a single write is sure to go in whole.
-    pub fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         (self.slots.saturating_sub(self.used()) * self.page) as usize
     }
 
     /// `n` bytes were written.
-    pub fn wrote(&mut self, n: usize) {
+    pub(crate) fn wrote(&mut self, n: usize) {
         if n == 0 {
             return;
         }

@@ -7,7 +7,14 @@
 //! concurrent connections never interleave. When the FIFO is full, the
 //! binding stops reading the sockets whose buffers are full and TCP flow
 //! control holds the senders back: memory stays bounded by
-//! `--max-conns × LINE_BUFFER + MAX_GROWN × BULK_BUFFER`.
+//! `--max-conns × LINE_BUFFER + MAX_GROWN × BULK_BUFFER` (with `--key`,
+//! plus [`RAW_LIMIT`] of sealed bytes per connection).
+//!
+//! With `--key` a connection speaks the stream protocol (see stream.rs):
+//! its handshake runs in this same loop, step by step as its bytes come,
+//! so a slow or hostile client never holds the others up, and nothing
+//! reaches its line buffer before it has authenticated and named its
+//! stream.
 //!
 //! Whole lines go into the FIFO only as far as the kernel takes them whole
 //! ([`PipeRoom`]), and no connection can hold the binding: mid-line
@@ -20,18 +27,19 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
+use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
 use crate::error::{Error, ExitStatus, Result};
 use crate::fifo::Fifo;
 use crate::framer::{LineBuffer, PipeRoom};
 use crate::net::{self, Allow};
+use crate::poll::{IN, OUT, PollSet, TROUBLE};
 use crate::secure::{self, Channel, Frame, Hello, Purpose, Side};
 use crate::stream::{self, Streams};
 
 /// A connection's buffer, and so the longest line delivered with a single
 /// write(2). A longer line is passed on in pieces as it arrives, still
 /// intact and never interleaved with other lines.
-pub const LINE_BUFFER: usize = 128 * 1024;
+pub(crate) const LINE_BUFFER: usize = 128 * 1024;
 /// A connection whose reads keep filling its buffer (a bulk sender) gets
 /// a buffer this large, for fewer calls per byte; at most
 /// [`MAX_GROWN`] connections at once, so memory stays bounded.
@@ -41,8 +49,10 @@ const MAX_GROWN: usize = 8;
 static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
+/// The default `--line-timeout` (without `--once`).
+pub(crate) const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default `--idle-timeout` (without `--once`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After running out of descriptors, accepting is retried when a
 /// connection ends, or after this long if none does.
 const ACCEPT_RETRY: Duration = Duration::from_secs(1);
@@ -56,35 +66,41 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_COUNT: u32 = 5;
 
 pub struct InputOptions {
-    pub id: Id,
-    pub port: Port,
+    pub(crate) id: Id,
+    pub(crate) port: Port,
     /// Listen on this address only.
-    pub bind: Option<IpAddr>,
+    pub(crate) bind: Option<IpAddr>,
     /// Serve one connection; end once it ended and the FIFO was read empty.
-    pub once: bool,
+    pub(crate) once: bool,
     /// Accept connections from these addresses only (empty: any).
-    pub allow: Vec<Allow>,
+    pub(crate) allow: Vec<Allow>,
     /// With `once`: give up if nobody connected within this time.
-    pub accept_timeout: Option<Duration>,
+    pub(crate) accept_timeout: Option<Duration>,
     /// Connections served at once (0: no limit); more wait in the backlog.
-    pub max_conns: usize,
+    pub(crate) max_conns: usize,
     /// Connections served at once from one address (0: no limit); more
     /// from it are closed at once.
-    pub max_conns_per_addr: usize,
+    pub(crate) max_conns_per_addr: usize,
     /// Close a connection that sent nothing this long after it was accepted.
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     /// How long a connection may keep the FIFO mid-line waiting for the
     /// rest of its line.
-    pub line_timeout: Option<Duration>,
+    pub(crate) line_timeout: Option<Duration>,
     /// Speak the stream protocol with this secret (see stream.rs).
-    pub key: Option<Key>,
-    pub common: Common,
+    pub(crate) key: Option<Key>,
+    pub(crate) common: BindingOptions,
 }
 
 /// The most sealed bytes a keyed connection holds before they are opened:
 /// two whole frames, so reading stops (and TCP holds the sender back)
 /// while the FIFO is full.
 const RAW_LIMIT: usize = 2 * (secure::MAX_BODY + 64);
+/// Wrong keys: the first holds its address back this long, each next one
+/// twice as long, up to [`PENALTY_MAX`]; a summary goes to the log at
+/// most every [`PENALTY_LOG`], not a line per attempt.
+const PENALTY_BASE: Duration = Duration::from_secs(1);
+const PENALTY_MAX: Duration = Duration::from_secs(60);
+const PENALTY_LOG: Duration = Duration::from_secs(10);
 
 pub fn run(opts: InputOptions) -> Result<()> {
     let binding = Binding::open(&opts.id, &opts.common)?;
@@ -111,7 +127,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             .ok()
             .flatten()
             .map_or(4096, |p| p as usize);
-        let mut relay = Relay {
+        let mut relay = Inbound {
             binding,
             listener: Some(listener),
             conns: Vec::new(),
@@ -131,6 +147,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             arrived: false,
             streams: Streams::default(),
             once_stream: None,
+            penalties: crate::penalty::Penalties::new(PENALTY_BASE, PENALTY_MAX, 4096),
             opts: &opts,
         };
         relay.serve(stop)
@@ -173,11 +190,11 @@ fn plan(room_model: &mut PipeRoom, fifo: &Fifo, chunk: &[u8], mid_line: bool) ->
 
 /// The longest line the binding writes whole whatever the FIFO's fill: a
 /// connection's buffer, or the FIFO's capacity if that is smaller.
-pub fn atomic_size(capacity: usize) -> usize {
+pub(crate) fn atomic_size(capacity: usize) -> usize {
     LINE_BUFFER.min(capacity)
 }
 
-struct Conn {
+struct Client {
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
@@ -218,6 +235,8 @@ struct Keyed {
     last_ack: Instant,
     /// The sender said Close: what is left is written, then acknowledged.
     closing: bool,
+    /// Broken off: nothing more is read.
+    gone: bool,
 }
 
 impl Keyed {
@@ -237,6 +256,7 @@ impl Keyed {
             acked: 0,
             last_ack: Instant::now(),
             closing: false,
+            gone: false,
         }
     }
 
@@ -247,9 +267,9 @@ impl Keyed {
     }
 }
 
-impl Conn {
-    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Conn {
-        Conn {
+impl Client {
+    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Client {
+        Client {
             token,
             stream,
             peer,
@@ -263,7 +283,7 @@ impl Conn {
     fn wants_input(&self) -> bool {
         match &self.keyed {
             None => self.lines.wants_input(),
-            Some(k) => !self.lines.finished() && !k.closing && k.raw.len() < RAW_LIMIT,
+            Some(k) => !self.lines.finished() && !k.closing && !k.gone && k.raw.len() < RAW_LIMIT,
         }
     }
 
@@ -298,6 +318,7 @@ impl Conn {
         if let Some(k) = self.keyed.as_mut() {
             k.buffered = 0;
             k.raw.clear();
+            k.gone = true;
         }
     }
 
@@ -339,7 +360,7 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for Client {
     fn drop(&mut self) {
         if self.lines.capacity() == BULK_BUFFER {
             GROWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -358,10 +379,10 @@ enum Plan {
     Wait,
 }
 
-struct Relay<'a> {
+struct Inbound<'a> {
     binding: &'a mut Binding,
     listener: Option<TcpListener>,
-    conns: Vec<Conn>,
+    conns: Vec<Client>,
     /// Connections served now, per (canonical) client address.
     per_addr: std::collections::HashMap<IpAddr, usize>,
     owner: Option<u64>,
@@ -391,16 +412,26 @@ struct Relay<'a> {
     once_stream: Option<String>,
     /// With a key: the offset of every stream seen.
     streams: Streams,
+    /// With a key: addresses held back after wrong keys.
+    penalties: crate::penalty::Penalties,
     opts: &'a InputOptions,
 }
 
-impl Relay<'_> {
-    fn serve(&mut self, stop: &Stop) -> Result<()> {
+impl Inbound<'_> {
+    fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let started = Instant::now();
         let mut set = PollSet::default();
         loop {
             if !self.fifo_blocked {
                 self.write_pending()?;
+            }
+            if self.opts.key.is_some() {
+                // Frames that waited for room in a line buffer: the writes
+                // just made may have made it.
+                self.open_frames();
+                if !self.fifo_blocked {
+                    self.write_pending()?;
+                }
             }
             let before = self.conns.len();
             let per_addr = &mut self.per_addr;
@@ -738,6 +769,20 @@ impl Relay<'_> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
+            if self.opts.key.is_some()
+                && let Some(wait) = self.penalties.wait(from, Instant::now())
+            {
+                // Held back after a wrong key: told so, in clear text,
+                // instead of a greeting (and no key exchange is spent).
+                use std::io::Write;
+                let refusal = format!(
+                    "ERR too many wrong keys from {from}; retry in {} s\n",
+                    wait.as_secs_f64().ceil()
+                );
+                let _ = (&stream).write(refusal.as_bytes());
+                log::debug!("refused connection from {peer}: held back after wrong keys");
+                continue;
+            }
             let keepalive = socket2::TcpKeepalive::new()
                 .with_time(KEEPALIVE_IDLE)
                 .with_interval(KEEPALIVE_INTERVAL)
@@ -747,7 +792,7 @@ impl Relay<'_> {
             }
             self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
-            let mut conn = Conn::new(self.next_token, stream, peer, self.opts.key.as_ref());
+            let mut conn = Client::new(self.next_token, stream, peer, self.opts.key.as_ref());
             // Our greeting: a fresh socket takes it whole.
             conn.flush();
             self.conns.push(conn);
@@ -769,10 +814,27 @@ impl Relay<'_> {
     /// fails to authenticate is closed.
     fn open_frames(&mut self) {
         for idx in 0..self.conns.len() {
-            if let Err(why) = self.open_conn(idx) {
-                let c = &mut self.conns[idx];
-                let streaming = c.keyed.as_ref().is_some_and(|k| k.step == Step::Streaming);
-                if streaming {
+            let was = self.conns[idx].keyed.as_ref().map(|k| k.step);
+            let result = self.open_conn(idx);
+            let c = &mut self.conns[idx];
+            let now_step = c.keyed.as_ref().map(|k| k.step);
+            if was == Some(Step::Confirming) && now_step != was && result.is_ok() {
+                self.penalties.succeeded(c.peer.ip());
+            }
+            if let Err(why) = result {
+                let streaming = now_step == Some(Step::Streaming);
+                if now_step == Some(Step::Confirming) {
+                    // A key guess: the address waits before its next one,
+                    // and the log gets a summary, not a line each.
+                    let delay = self.penalties.failed(c.peer.ip(), Instant::now());
+                    log::debug!(
+                        "connection from {}: {why}: closed, nothing of it reaches the FIFO; \
+                         {} held back for {} s",
+                        c.peer,
+                        c.peer.ip(),
+                        delay.as_secs()
+                    );
+                } else if streaming {
                     log::warn!(
                         "connection from {}: {why}: closed (its unwritten data is dropped; its sender resends it)",
                         c.peer
@@ -785,6 +847,9 @@ impl Relay<'_> {
                 }
                 c.break_off();
             }
+        }
+        if let Some(line) = self.penalties.summary(Instant::now(), PENALTY_LOG) {
+            log::warn!("{line}");
         }
     }
 

@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// The size at which a daemon's log file is rotated, in bytes.
-pub const LOG_MAX: u64 = 1 << 20;
+pub(crate) const LOG_MAX: u64 = 1 << 20;
 /// Overrides [`LOG_MAX`] (in bytes, at least 1024).
-pub const ENV_LOG_MAX: &str = "FIFOBIND_LOG_MAX";
+pub(crate) const ENV_LOG_MAX: &str = "FIFOBIND_LOG_MAX";
 /// Set by systemd to the `DEVICE:INODE` of the journal stream on stderr.
-pub const ENV_JOURNAL: &str = "JOURNAL_STREAM";
+pub(crate) const ENV_JOURNAL: &str = "JOURNAL_STREAM";
 
 fn builder(program: &'static str, journal: bool) -> env_logger::Builder {
     let mut builder =
@@ -77,7 +77,7 @@ pub fn to_stderr(program: &'static str) {
 }
 
 /// Logs to `path`, appending, rotated at the cap.
-pub fn to_file(program: &'static str, path: &Path) -> Result<()> {
+pub(crate) fn to_file(program: &'static str, path: &Path) -> Result<()> {
     let max = std::env::var(ENV_LOG_MAX)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -108,7 +108,7 @@ fn open(path: &Path) -> io::Result<File> {
 }
 
 /// Where a log goes once full: `.ID.log.1`.
-pub fn rotated(path: &Path) -> PathBuf {
+pub(crate) fn rotated(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".1");
     PathBuf::from(name)

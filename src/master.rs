@@ -27,9 +27,10 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::{IN, PollSet};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::protocol::{self, Conn};
 use crate::registry::Kind;
@@ -38,18 +39,18 @@ use crate::supervise::{GRACE, Owner, START_LIMIT, STREAM_KEYS};
 
 pub struct MasterOptions {
     pub key: Key,
-    pub host: Host,
-    pub port: Port,
+    pub(crate) host: Host,
+    pub(crate) port: Port,
     pub ddir: PathBuf,
     /// The session name it asks for (`HELLO`).
-    pub name: Id,
+    pub(crate) name: Id,
     pub connect_timeout: Duration,
     pub step_timeout: Duration,
 }
 
 /// The executables of `ddir`, in name order. Entries that cannot be run or
 /// whose names are not valid IDs are skipped with a warning.
-pub fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
+pub(crate) fn daemons(ddir: &Path) -> Result<Vec<(Id, PathBuf)>> {
     let what = || format!("cannot read daemon directory {}", ddir.display());
     let entries = fs::read_dir(ddir).map_err(|e| {
         let mut err = Error::io(what(), &e);
@@ -284,17 +285,12 @@ fn start_daemon(
     port: Port,
     secret: &[u8],
 ) -> Result<Daemon> {
-    let args = vec![
-        "--connect-timeout".to_string(),
-        opts.connect_timeout.as_secs_f64().to_string(),
-        stream.to_string(),
-        opts.host.to_string(),
-        port.to_string(),
-    ];
+    let mut child = ChildBinding::output(stream, &opts.host, port);
+    child.connect_timeout = opts.connect_timeout;
     // It connects before it is ready.
     let limit = opts.connect_timeout + START_LIMIT;
     let secret = STREAM_KEYS.then_some(secret);
-    let binding = owner.start_binding("bind-output", &args, stream, limit, secret)?;
+    let binding = owner.start_binding(ChildBinding::Output(child), stream, limit, secret)?;
     let fifo_path = owner.binding_dir().fifo(stream);
     // The binding holds its FIFO open read-write: this open returns at
     // once.

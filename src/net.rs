@@ -11,11 +11,11 @@ use crate::args::Port;
 use crate::error::{Error, ExitStatus, Result};
 
 /// The listen backlog asked for: as much as the system allows.
-pub const LISTEN_BACKLOG: i32 = 65535;
+pub(crate) const LISTEN_BACKLOG: i32 = 65535;
 
 /// Listens on `port` of `addr`, or of every interface, IPv4 and IPv6 alike,
 /// when `addr` is `None`.
-pub fn listen(addr: Option<IpAddr>, port: Port) -> Result<TcpListener> {
+pub(crate) fn listen(addr: Option<IpAddr>, port: Port) -> Result<TcpListener> {
     let what = || match addr {
         Some(a) => format!("cannot listen on {}", SocketAddr::new(a, port.0)),
         None => format!("cannot listen on port {port}"),
@@ -53,7 +53,7 @@ fn bind(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
 
 /// Resolves `host` and connects to the first of its addresses that
 /// answers within `timeout`.
-pub fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
+pub(crate) fn connect(host: &str, port: Port, timeout: Duration) -> Result<TcpStream> {
     let target = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -186,7 +186,7 @@ fn resolve_failure(rc: i32, errno: &io::Error) -> (ExitStatus, String) {
 /// `recv()`: the reader does the TCP work of both ends. Bytes in flight
 /// (sent, not yet acknowledged) are not counted, so a long path keeps its
 /// full window.
-pub fn limit_unsent(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+pub(crate) fn limit_unsent(stream: &TcpStream, bytes: u32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let value = bytes as libc::c_int;
     // SAFETY: setsockopt with a pointer to an int and its size.
@@ -207,25 +207,25 @@ pub fn limit_unsent(stream: &TcpStream, bytes: u32) -> io::Result<()> {
 
 /// An address as the user wrote it, whichever way the socket reports it:
 /// a dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`.
-pub fn canonical(addr: IpAddr) -> IpAddr {
+pub(crate) fn canonical(addr: IpAddr) -> IpAddr {
     addr.to_canonical()
 }
 
 /// A peer's address as logs and messages show it: `127.0.0.1:57414`,
 /// not the `[::ffff:127.0.0.1]:57414` a dual-stack listener reports.
-pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn unmapped(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical(addr.ip()), addr.port())
 }
 
 /// An address or a CIDR prefix a client may connect from (`--allow`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Allow {
+pub(crate) struct Allow {
     addr: IpAddr,
     prefix: u8,
 }
 
 impl Allow {
-    pub fn contains(&self, peer: IpAddr) -> bool {
+    pub(crate) fn contains(&self, peer: IpAddr) -> bool {
         match (self.addr, canonical(peer)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 masked(u32::from(net).into(), u32::from(ip).into(), self.prefix, 32)
@@ -241,6 +241,15 @@ impl Allow {
 fn masked(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
     let shift = u32::from(bits - prefix);
     prefix == 0 || (net >> shift) == (ip >> shift)
+}
+
+impl From<IpAddr> for Allow {
+    /// Exactly this address (an IPv4-mapped one as its IPv4 address).
+    fn from(addr: IpAddr) -> Allow {
+        let addr = canonical(addr);
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        Allow { addr, prefix }
+    }
 }
 
 impl std::str::FromStr for Allow {

@@ -23,7 +23,7 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use crate::error::{Error, Result};
 
 /// The variable systemd passes the notification socket in.
-pub const ENV_NOTIFY: &str = "NOTIFY_SOCKET";
+pub(crate) const ENV_NOTIFY: &str = "NOTIFY_SOCKET";
 
 struct Notifier {
     socket: Option<(UnixDatagram, SocketAddr)>,
@@ -39,7 +39,7 @@ static NOTIFIER: Mutex<Notifier> = Mutex::new(Notifier {
 /// in the foreground) and adopts descriptor `ready_fd`. Call it while the
 /// process is single-threaded (it changes the environment), before the
 /// inherited descriptors are closed. A bad `ready_fd` is a usage error.
-pub fn init(ready_fd: Option<RawFd>, speak: bool) -> Result<()> {
+pub(crate) fn init(ready_fd: Option<RawFd>, speak: bool) -> Result<()> {
     let fd = ready_fd.map(adopt).transpose()?;
     let target = std::env::var_os(ENV_NOTIFY);
     // SAFETY: the caller guarantees no other thread runs, so nothing reads
@@ -116,7 +116,7 @@ fn line(status: &str) -> String {
 
 /// We serve: `READY=1` with `status`, and the newline on the ready fd
 /// (which is then closed). Only the first call counts for the fd.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     let mut n = NOTIFIER.lock().unwrap_or_else(|e| e.into_inner());
     send(
         &n,
@@ -131,27 +131,16 @@ pub fn ready(status: &str) {
     }
 }
 
-/// A new one-line status, for `systemctl status`.
-pub fn status(status: &str) {
-    let n = NOTIFIER.lock().unwrap_or_else(|e| e.into_inner());
-    send(&n, &format!("STATUS={}", line(status)));
-}
-
 /// We have begun to stop.
-pub fn stopping() {
+pub(crate) fn stopping() {
     let n = NOTIFIER.lock().unwrap_or_else(|e| e.into_inner());
     send(&n, "STOPPING=1");
 }
 
 /// Drops the notifier unused: for a forked child that must not keep the
 /// ready descriptor open (its reader would wait for end-of-file forever).
-pub fn forget() {
+pub(crate) fn forget() {
     let mut n = NOTIFIER.lock().unwrap_or_else(|e| e.into_inner());
     n.ready_fd = None;
     n.socket = None;
-}
-
-/// Whether a service manager listens (so status updates are worth it).
-pub fn active() -> bool {
-    NOTIFIER.lock().map(|n| n.socket.is_some()).unwrap_or(false)
 }

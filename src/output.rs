@@ -17,9 +17,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Key, Port};
-use crate::binding::{Binding, Common, IN, OUT, PollSet, Reason, Stop, TROUBLE};
+use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
+use crate::poll::{IN, OUT, PollSet, TROUBLE};
 
 /// The most one splice(2) call moves: the FIFO's whole capacity.
 const CHUNK: usize = 1 << 20;
@@ -32,23 +33,23 @@ const UNSENT_LIMIT: u32 = 16 * 1024;
 const FLUSH_LIMIT: Duration = Duration::from_millis(900);
 
 pub struct OutputOptions {
-    pub id: Id,
-    pub host: Host,
-    pub port: Port,
-    pub connect_timeout: Duration,
+    pub(crate) id: Id,
+    pub(crate) host: Host,
+    pub(crate) port: Port,
+    pub(crate) connect_timeout: Duration,
     /// Speak the stream protocol with this secret (see stream.rs).
-    pub key: Option<Key>,
+    pub(crate) key: Option<Key>,
     /// Without a key: connect again when the connection breaks.
-    pub reconnect: bool,
+    pub(crate) reconnect: bool,
     /// With a key: the most unacknowledged bytes held, and what then.
-    pub spool: usize,
-    pub spool_full: crate::spool::Full,
-    pub backoff_max: Duration,
+    pub(crate) spool: usize,
+    pub(crate) spool_full: crate::spool::Full,
+    pub(crate) backoff_max: Duration,
     /// How long to keep reconnecting after a break (`None`: forever).
-    pub retry_for: Option<Duration>,
+    pub(crate) retry_for: Option<Duration>,
     /// With a key: a receiver silent this long is taken for gone.
-    pub peer_timeout: Duration,
-    pub common: Common,
+    pub(crate) peer_timeout: Duration,
+    pub(crate) common: BindingOptions,
 }
 
 pub fn run(opts: OutputOptions) -> Result<()> {
@@ -98,7 +99,7 @@ pub fn run(opts: OutputOptions) -> Result<()> {
                 first = false;
             }
             crate::status::peer_added(&peer);
-            let mut relay = Relay {
+            let mut relay = Outbound {
                 binding: &mut *binding,
                 stream,
                 peer: peer.clone(),
@@ -129,7 +130,7 @@ pub fn run(opts: OutputOptions) -> Result<()> {
 fn reconnect_plain(
     opts: &OutputOptions,
     binding: &Binding,
-    stop: &Stop,
+    stop: &StopEvents,
 ) -> Result<Option<TcpStream>> {
     let broken = Instant::now();
     let mut backoff = crate::stream::Backoff::new(opts.backoff_max);
@@ -172,7 +173,7 @@ fn reconnect_plain(
 }
 
 /// Waits `delay`, or until a stop event comes (which is returned).
-pub(crate) fn pause(stop: &Stop, delay: Duration) -> Option<Reason> {
+pub(crate) fn pause(stop: &StopEvents, delay: Duration) -> Option<Reason> {
     let until = Instant::now() + delay;
     let mut set = PollSet::default();
     loop {
@@ -191,7 +192,7 @@ pub(crate) fn pause(stop: &Stop, delay: Duration) -> Option<Reason> {
     }
 }
 
-struct Relay<'a> {
+struct Outbound<'a> {
     binding: &'a mut Binding,
     stream: TcpStream,
     peer: String,
@@ -221,8 +222,8 @@ enum Phase {
     Flushing(Instant),
 }
 
-impl Relay<'_> {
-    fn serve(&mut self, stop: &Stop) -> Result<()> {
+impl Outbound<'_> {
+    fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let mut phase = Phase::Running;
         let mut set = PollSet::default();
         loop {
@@ -402,6 +403,8 @@ impl Relay<'_> {
 
 /// How much sealed data may wait for the socket before more is sealed.
 const OUT_HIGH: usize = 2 * crate::secure::MAX_BODY;
+/// Failures to reconnect this soon after a break are logged as warnings.
+const BACKOFF_FIRST_LOG: Duration = Duration::from_millis(150);
 /// Drops under `--spool-full drop-oldest` are logged at most this often.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -467,6 +470,9 @@ fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Res
         }
     };
     stream.set_nonblocking(true).map_err(io_err)?;
+    // Little in flight: what the spool holds as sent stays small, so the
+    // spool's room is for what the FIFO brings.
+    let _ = net::limit_unsent(&stream, UNSENT_LIMIT);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(2))
@@ -555,7 +561,7 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn serve(&mut self, stop: &Stop) -> Result<()> {
+    fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let mut phase = Phase::Running;
         let mut fifo_eof = false;
         let mut set = PollSet::default();
@@ -804,7 +810,13 @@ impl Sender<'_> {
                 self.backoff.reset();
             }
             Err(e) => {
-                log::debug!("reconnecting: {e}");
+                // The first failure after a break says why; the rest,
+                // one per backoff step, only at debug level.
+                if self.next_try <= broken + self.opts.backoff_max.min(BACKOFF_FIRST_LOG) {
+                    log::warn!("cannot reconnect yet: {e}");
+                } else {
+                    log::debug!("reconnecting: {e}");
+                }
                 if let Some(limit) = self.opts.retry_for
                     && broken.elapsed() >= limit
                 {

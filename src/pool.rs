@@ -28,11 +28,12 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{IN, OUT, PollSet};
 use crate::claim;
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::penalty::Penalties;
+use crate::poll::{IN, OUT, PollSet};
 use crate::protocol::{self, Challenge, Failure, Message, Progress};
 use crate::runtime_dir::RuntimeDir;
 use crate::secure::{Channel, Frame};
@@ -58,7 +59,7 @@ const BUSY: &str = "busy: too many connections";
 const PORT_TRIES: usize = 64;
 pub struct PoolOptions {
     pub key: Key,
-    pub port: Port,
+    pub(crate) port: Port,
     pub bind: Option<IpAddr>,
     pub ports: (u16, u16),
     pub accept_timeout: Duration,
@@ -278,6 +279,8 @@ impl Pool {
                     return;
                 }
             };
+            // A dual-stack listener's IPv4 peers, logged as IPv4.
+            let peer = net::unmapped(peer);
             let ip = net::canonical(peer.ip());
             let now = Instant::now();
             if stream.set_nonblocking(true).is_err() {
@@ -606,21 +609,15 @@ impl Pool {
             if net::listen(self.opts.bind, port).is_err() {
                 continue;
             }
-            let mut args = vec![
-                "--once".to_string(),
-                "--allow".to_string(),
-                master.to_string(),
-                "--accept-timeout".to_string(),
-                self.opts.accept_timeout.as_secs_f64().to_string(),
-            ];
-            if let Some(bind) = self.opts.bind {
-                args.extend(["--bind".to_string(), bind.to_string()]);
-            }
-            args.extend([stream.to_string(), port.to_string()]);
+            let mut child = ChildBinding::input(stream, port);
+            child.once = true;
+            child.allow = vec![net::Allow::from(master)];
+            child.accept_timeout = Some(self.opts.accept_timeout);
+            child.bind = self.opts.bind;
             let secret = STREAM_KEYS.then_some(secret);
             match self
                 .owner
-                .start_binding("bind-input", &args, stream, START_LIMIT, secret)
+                .start_binding(ChildBinding::Input(child), stream, START_LIMIT, secret)
             {
                 Ok(process) => {
                     let fifo = self.owner.dir.fifo(stream);

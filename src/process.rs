@@ -12,9 +12,9 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ProcessId {
-    pub pid: i32,
-    pub start: u64,
+pub(crate) struct ProcessId {
+    pub(crate) pid: i32,
+    pub(crate) start: u64,
 }
 
 /// What `/proc/PID/stat` says of a process: its start time, and whether it
@@ -66,13 +66,14 @@ fn group_members(pgid: i32) -> Vec<Stat> {
 }
 
 impl ProcessId {
-    pub fn current() -> ProcessId {
+    #[cfg(test)]
+    pub(crate) fn current() -> ProcessId {
         ProcessId::try_current().expect("/proc/self/stat is readable")
     }
 
     /// This process's identity, or why `/proc/self/stat` cannot be read
     /// (out of descriptors, say).
-    pub fn try_current() -> std::io::Result<ProcessId> {
+    pub(crate) fn try_current() -> std::io::Result<ProcessId> {
         let pid = std::process::id() as i32;
         let text = std::fs::read_to_string("/proc/self/stat")?;
         let start = text
@@ -84,19 +85,19 @@ impl ProcessId {
     }
 
     /// The identity of the running process `pid`, if there is one.
-    pub fn of(pid: i32) -> Option<ProcessId> {
+    pub(crate) fn of(pid: i32) -> Option<ProcessId> {
         let (start, _) = stat(pid)?;
         Some(ProcessId { pid, start })
     }
 
     /// True while the very process this record names is running.
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         matches!(stat(self.pid), Some((start, false)) if start == self.start)
     }
 
     /// Sends `sig` only if the recorded process is still the one running.
     /// Returns whether it was sent.
-    pub fn signal(&self, sig: Signal) -> bool {
+    pub(crate) fn signal(&self, sig: Signal) -> bool {
         self.is_alive() && signal::kill(Pid::from_raw(self.pid), sig).is_ok()
     }
 
@@ -128,14 +129,14 @@ impl ProcessId {
     /// Signals the process group this process leads (a master's daemon and
     /// its children), leader or no leader, while it is still the daemon's
     /// (see `group_is_ours`).
-    pub fn signal_group(&self, sig: Signal) -> bool {
+    pub(crate) fn signal_group(&self, sig: Signal) -> bool {
         self.group_is_ours(&group_members(self.pid))
             && signal::killpg(Pid::from_raw(self.pid), sig).is_ok()
     }
 
     /// True while any member of the process group this process leads runs
     /// (zombies do not count).
-    pub fn group_is_alive(&self) -> bool {
+    pub(crate) fn group_is_alive(&self) -> bool {
         let members = group_members(self.pid);
         self.group_is_ours(&members) && members.iter().any(|m| !m.zombie)
     }

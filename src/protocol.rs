@@ -37,8 +37,8 @@ use nix::sys::signal::Signal;
 use zeroize::Zeroizing;
 
 use crate::args::{Id, Key, Port};
-use crate::binding::{IN, PollSet};
 use crate::error::{Error, ExitStatus};
+use crate::poll::{IN, PollSet};
 use crate::secure::{self, Channel, Frame, Hello, Purpose, Side};
 use crate::signals::Signals;
 
@@ -52,7 +52,7 @@ pub const MAX_NAME: usize = 24;
 pub const OLD_PEER: &str = "ERR this pool speaks protocol version 2, not version 1";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     Hello { name: Id },
     Session { name: Id },
     Daemon { name: Id },
@@ -82,7 +82,7 @@ fn clip(s: &str) -> String {
 
 /// A session name: an ID of at most [`MAX_NAME`] characters without a
 /// dot (the dot joins it to a daemon's name).
-pub fn parse_name(s: &str) -> Result<Id, String> {
+pub(crate) fn parse_name(s: &str) -> Result<Id, String> {
     if s.len() > MAX_NAME {
         return Err(format!("a session name has at most {MAX_NAME} characters"));
     }
@@ -95,7 +95,7 @@ pub fn parse_name(s: &str) -> Result<Id, String> {
 /// Makes any text a session name: characters other than `A-Z a-z 0-9 _ -`
 /// become `-`, at most [`MAX_NAME`] are kept, and one that would start
 /// with `-` starts with `_` instead (for a host name, say).
-pub fn name_of(raw: &str) -> Id {
+pub(crate) fn name_of(raw: &str) -> Id {
     let mut name: String = raw
         .chars()
         .take(MAX_NAME)
@@ -118,7 +118,7 @@ pub fn name_of(raw: &str) -> Id {
 
 /// The stream (and binding ID) of daemon `daemon` of session `session`:
 /// `SESSION.DAEMON`, refused when longer than an ID may be.
-pub fn stream_name(session: &Id, daemon: &Id) -> Result<Id, String> {
+pub(crate) fn stream_name(session: &Id, daemon: &Id) -> Result<Id, String> {
     format!("{session}.{daemon}")
         .parse()
         .map_err(|e| format!("daemon {daemon}: its stream {session}.{daemon} is no valid ID ({e})"))
@@ -315,12 +315,12 @@ impl Conn {
 
     /// Makes every wait for the peer end as soon as one of `signals`
     /// comes, with [`Failure::Stopped`].
-    pub fn stop_on(&mut self, signals: Signals) {
+    pub(crate) fn stop_on(&mut self, signals: Signals) {
         self.reader.stop = Some(signals);
     }
 
     /// The secret of stream `name` of this session (after [`authenticate`]).
-    pub fn stream_secret(&self, name: &Id) -> Zeroizing<[u8; 32]> {
+    pub(crate) fn stream_secret(&self, name: &Id) -> Zeroizing<[u8; 32]> {
         self.channel
             .as_ref()
             .expect("authenticated")
@@ -370,12 +370,12 @@ impl Conn {
         }
     }
 
-    pub fn send(&mut self, msg: &Message) -> Result<(), Failure> {
+    pub(crate) fn send(&mut self, msg: &Message) -> Result<(), Failure> {
         self.send_frame(&Frame::Line(msg.to_string()))
     }
 
     /// Reads the next message; an `ERR` line becomes [`Failure::Refused`].
-    pub fn recv(&mut self) -> Result<Message, Failure> {
+    pub(crate) fn recv(&mut self) -> Result<Message, Failure> {
         match self.recv_frame()? {
             Frame::Line(line) => match Message::parse(&line).map_err(Failure::Protocol)? {
                 Message::Err { reason } => Err(Failure::Refused(reason)),
@@ -391,7 +391,7 @@ impl Conn {
 /// The master's side of the handshake: the greetings, the confirmations
 /// (a wrong key fails here), then `HELLO name`. Returns the name the pool
 /// gave the session.
-pub fn authenticate(conn: &mut Conn, key: &Key, name: &Id) -> Result<Id, Failure> {
+pub(crate) fn authenticate(conn: &mut Conn, key: &Key, name: &Id) -> Result<Id, Failure> {
     let greeting = conn.read_greeting()?;
     let words: Vec<&str> = greeting.split(' ').collect();
     match words.as_slice() {
@@ -444,7 +444,7 @@ pub fn authenticate(conn: &mut Conn, key: &Key, name: &Id) -> Result<Id, Failure
 }
 
 /// The master asks for the port of daemon `name`'s binding.
-pub fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
+pub(crate) fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> {
     conn.send(&Message::Daemon { name: name.clone() })?;
     match conn.recv()? {
         Message::Port { port } => Ok(port),
@@ -493,7 +493,7 @@ enum Step {
 }
 
 /// Where a handshake is after the bytes it was fed.
-pub enum Progress {
+pub(crate) enum Progress {
     /// More bytes are needed.
     More,
     /// The master proved it knows the key and asked for session `name`;
@@ -525,7 +525,7 @@ impl Challenge {
     }
 
     /// Takes bytes from the master.
-    pub fn feed(&mut self, bytes: &[u8]) -> Progress {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Progress {
         self.inbuf.extend_from_slice(bytes);
         loop {
             match self.step() {

@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use crate::process::ProcessId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A bind-input or bind-output: SIGTERM closes it properly.
     Binding,
     /// A master's daemon, leader of its own process group: the whole group
@@ -26,10 +26,10 @@ pub enum Kind {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub kind: Kind,
-    pub process: ProcessId,
-    pub name: String,
+pub(crate) struct Entry {
+    pub(crate) kind: Kind,
+    pub(crate) process: ProcessId,
+    pub(crate) name: String,
 }
 
 impl Entry {
@@ -60,7 +60,7 @@ impl Entry {
     }
 
     /// Asks the process (or the daemon's whole group) to stop.
-    pub fn signal(&self, sig: Signal) -> bool {
+    pub(crate) fn signal(&self, sig: Signal) -> bool {
         match self.kind {
             Kind::Binding => self.process.signal(sig),
             Kind::Daemon => self.process.signal_group(sig),
@@ -69,7 +69,7 @@ impl Entry {
 
     /// True while the binding runs, or anything of the daemon's group:
     /// its children may outlive it.
-    pub fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         match self.kind {
             Kind::Binding => self.process.is_alive(),
             Kind::Daemon => self.process.group_is_alive(),
@@ -77,14 +77,14 @@ impl Entry {
     }
 }
 
-pub struct Registry {
+pub(crate) struct Registry {
     path: PathBuf,
     entries: Vec<Entry>,
 }
 
 impl Registry {
     /// A new, empty registry at `path` (the caller holds the claim on it).
-    pub fn create(path: &Path) -> io::Result<Registry> {
+    pub(crate) fn create(path: &Path) -> io::Result<Registry> {
         let registry = Registry {
             path: path.to_path_buf(),
             entries: Vec::new(),
@@ -95,23 +95,23 @@ impl Registry {
 
     /// A registry with no file: what is left behind once the real one has
     /// been taken out to be deleted.
-    pub fn detached() -> Registry {
+    pub(crate) fn detached() -> Registry {
         Registry {
             path: PathBuf::new(),
             entries: Vec::new(),
         }
     }
 
-    pub fn entries(&self) -> &[Entry] {
+    pub(crate) fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
-    pub fn add(&mut self, entry: Entry) -> io::Result<()> {
+    pub(crate) fn add(&mut self, entry: Entry) -> io::Result<()> {
         self.entries.push(entry);
         self.save()
     }
 
-    pub fn remove(&mut self, pid: i32) -> io::Result<()> {
+    pub(crate) fn remove(&mut self, pid: i32) -> io::Result<()> {
         self.entries.retain(|e| e.process.pid != pid);
         self.save()
     }
@@ -135,7 +135,7 @@ impl Registry {
         fs::rename(&tmp, &self.path)
     }
 
-    pub fn delete(self) {
+    pub(crate) fn delete(self) {
         if !self.path.as_os_str().is_empty() {
             let _ = fs::remove_file(&self.path);
         }
@@ -150,13 +150,13 @@ fn temporary(path: &Path) -> PathBuf {
 /// Removes the registry file of a dead owner, and the temporary a save
 /// cut short by SIGKILL may have left beside it (nothing else would ever
 /// remove that one).
-pub fn remove(path: &Path) {
+pub(crate) fn remove(path: &Path) {
     let _ = fs::remove_file(path);
     let _ = fs::remove_file(temporary(path));
 }
 
 /// Reads a registry file; unreadable lines are skipped.
-pub fn load(path: &Path) -> Vec<Entry> {
+pub(crate) fn load(path: &Path) -> Vec<Entry> {
     fs::read_to_string(path)
         .map(|text| text.lines().filter_map(Entry::parse).collect())
         .unwrap_or_default()
@@ -171,7 +171,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// gone: a binding once it has exited, a daemon once every member of its
 /// process group has (a child deaf to SIGTERM outlives its daemon, and
 /// is killed as a member of its group).
-pub fn stop_all(entries: &[Entry], grace: Duration) {
+pub(crate) fn stop_all(entries: &[Entry], grace: Duration) {
     for entry in entries {
         entry.signal(Signal::SIGTERM);
     }

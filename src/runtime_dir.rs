@@ -30,10 +30,10 @@ use crate::args::Id;
 use crate::error::{Error, ExitStatus, Result};
 
 /// The environment variable naming the runtime directory.
-pub const ENV_DIR: &str = "FIFOBIND_DIR";
+pub(crate) const ENV_DIR: &str = "FIFOBIND_DIR";
 
 #[derive(Clone, Debug)]
-pub struct RuntimeDir {
+pub(crate) struct RuntimeDir {
     path: PathBuf,
     /// The directory as checked, held so it stays the one we checked.
     _handle: Arc<OwnedFd>,
@@ -41,7 +41,7 @@ pub struct RuntimeDir {
 
 /// `$FIFOBIND_DIR`, else `$XDG_RUNTIME_DIR/fifobind`, else
 /// `/tmp/fifobind-$UID`. Empty variables count as unset.
-pub fn locate() -> PathBuf {
+pub(crate) fn locate() -> PathBuf {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = var(ENV_DIR) {
         return PathBuf::from(dir);
@@ -59,11 +59,11 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
 impl RuntimeDir {
     /// The runtime directory the environment names, created if missing
     /// and checked.
-    pub fn open() -> Result<RuntimeDir> {
+    pub(crate) fn open() -> Result<RuntimeDir> {
         RuntimeDir::at(&locate())
     }
 
-    pub fn at(path: &Path) -> Result<RuntimeDir> {
+    pub(crate) fn at(path: &Path) -> Result<RuntimeDir> {
         // A relative path would change meaning once a daemon chdirs to /.
         let path = std::path::absolute(path)
             .map_err(|e| Error::io(format!("runtime directory {}", path.display()), &e))?;
@@ -131,17 +131,17 @@ impl RuntimeDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The FIFO of binding `id`: exactly `<dir>/ID`.
-    pub fn fifo(&self, id: &Id) -> PathBuf {
+    pub(crate) fn fifo(&self, id: &Id) -> PathBuf {
         self.path.join(id.as_str())
     }
 
     /// A bookkeeping file: a dot-name, which no ID can be.
-    pub fn dotfile(&self, name: &str, suffix: &str) -> PathBuf {
+    pub(crate) fn dotfile(&self, name: &str, suffix: &str) -> PathBuf {
         self.path.join(format!(".{name}.{suffix}"))
     }
 }

@@ -19,15 +19,15 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use crate::error::{Error, Result};
 
 /// The signals that close a command properly.
-pub const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
+pub(crate) const STOP: [Signal; 3] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM];
 /// Tells a binding its writer is done: send everything, however long it
 /// takes, then close (how a master ends a daemon's bind-output).
-pub const DRAIN: Signal = Signal::SIGUSR1;
+pub(crate) const DRAIN: Signal = Signal::SIGUSR1;
 
 /// For `pre_exec`: gives a child the empty signal mask. `Command` leaves
 /// the parent's mask in place, and a daemon with SIGTERM blocked could
 /// never be stopped. Only async-signal-safe calls.
-pub fn unblock_in_child() -> std::io::Result<()> {
+pub(crate) fn unblock_in_child() -> std::io::Result<()> {
     // SAFETY: sigemptyset and sigprocmask on a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -40,14 +40,14 @@ pub fn unblock_in_child() -> std::io::Result<()> {
 }
 
 /// Signals read from a signalfd (non-blocking, close-on-exec).
-pub struct Signals {
+pub(crate) struct Signals {
     fd: OwnedFd,
 }
 
 impl Signals {
     /// Blocks the stop signals and `extra` ([`DRAIN`] for a binding) and
     /// returns the descriptor they are read from.
-    pub fn block(extra: &[Signal]) -> Result<Signals> {
+    pub(crate) fn block(extra: &[Signal]) -> Result<Signals> {
         Signals::of(STOP.iter().chain(extra))
     }
 
@@ -55,7 +55,7 @@ impl Signals {
     /// signals so that the stop descriptor is readable only when a stop
     /// signal is pending: a blocking step can wait on it and act on it
     /// without reaping children.
-    pub fn children() -> Result<Signals> {
+    pub(crate) fn children() -> Result<Signals> {
         Signals::of(&[Signal::SIGCHLD])
     }
 
@@ -86,14 +86,14 @@ impl Signals {
 
     /// A second handle on the same pending signals, for a step (a
     /// protocol read) that must end when one comes.
-    pub fn try_clone(&self) -> std::io::Result<Signals> {
+    pub(crate) fn try_clone(&self) -> std::io::Result<Signals> {
         Ok(Signals {
             fd: self.fd.try_clone()?,
         })
     }
 
     /// The next pending signal, if any.
-    pub fn next(&self) -> Option<Signal> {
+    pub(crate) fn next(&self) -> Option<Signal> {
         // SAFETY: a zeroed siginfo is valid; read writes at most its size.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -111,7 +111,7 @@ impl Signals {
     }
 
     /// Reads every pending signal; for wake-ups whose kind is all they say.
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         while self.next().is_some() {}
     }
 }

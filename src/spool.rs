@@ -78,8 +78,35 @@ impl Spool {
         let free = self.limit.saturating_sub(self.buf.len());
         match self.policy {
             Full::Block => free,
-            Full::DropOldest => free + (self.end() - self.sent) as usize,
+            Full::DropOldest => match self.droppable() {
+                // Only a line longer than the spool is left to cut.
+                0 if free == 0 => (self.end() - self.sent) as usize,
+                d => free + d,
+            },
         }
+    }
+
+    /// The unsent bytes that dropping can take: whole lines, from the
+    /// first that starts after what is on the wire to the last newline.
+    /// (Dropping part of a line would glue its rest onto another line.)
+    fn droppable(&self) -> usize {
+        let Some(start) = self.first_unsent_line() else {
+            return 0;
+        };
+        self.buf
+            .range(start..)
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+    }
+
+    /// Where the first line that starts at or after `sent` begins.
+    fn first_unsent_line(&self) -> Option<usize> {
+        let start = (self.sent - self.acked) as usize;
+        if start > 0 && self.buf[start - 1] != b'\n' {
+            let i = self.buf.range(start..).position(|&b| b == b'\n')?;
+            return Some(start + i + 1);
+        }
+        Some(start)
     }
 
     /// Takes in bytes read from the FIFO: at most [`Spool::room`] of them.
@@ -101,15 +128,11 @@ impl Spool {
     /// it can. The dropped bytes were never sent, so they leave the
     /// stream: later bytes take their offsets.
     fn drop_unsent(&mut self, need: usize) {
-        let mut start = (self.sent - self.acked) as usize;
         // Data frames end anywhere: the rest of a line whose start is on
         // the wire is kept, or the receiver would glue two lines together.
-        if start > 0 && self.buf[start - 1] != b'\n' {
-            match self.buf.range(start..).position(|&b| b == b'\n') {
-                Some(i) => start += i + 1,
-                None => return,
-            }
-        }
+        let Some(start) = self.first_unsent_line() else {
+            return;
+        };
         let unsent = self.buf.len() - start;
         let mut cut = 0;
         let mut lines = 0;
@@ -232,7 +255,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_rest_of_a_line_half_sent() {
-        let mut s = Spool::new(12, Full::DropOldest);
+        let mut s = Spool::new(20, Full::DropOldest);
         s.push(b"aaaa\nbbbbbb");
         s.sent(7); // "aaaa\nbb" on the wire
         s.push(b"b\ncc\n");
@@ -246,6 +269,18 @@ mod tests {
             String::from_utf8_lossy(&rest)
         );
         assert!(!rest.windows(2).any(|w| w == b"cc"));
+    }
+
+    #[test]
+    fn drop_oldest_never_cuts_a_line_read_in_part() {
+        let mut s = Spool::new(10, Full::DropOldest);
+        s.push(b"aa\nbbbb");
+        // Room: the free 3 bytes and the whole line "aa\n", not "bbbb".
+        assert_eq!(s.room(), 6);
+        s.push(b"b\ncc\n");
+        let (a, b) = s.unsent(usize::MAX);
+        assert_eq!([a, b].concat(), b"bbbbb\ncc\n");
+        assert_eq!(s.dropped(), (1, 3));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::process::ProcessId;
 
 /// How often the file is rewritten, at most.
-pub const PERIOD: Duration = Duration::from_secs(1);
+pub(crate) const PERIOD: Duration = Duration::from_secs(1);
 
 static BYTES_IN: AtomicU64 = AtomicU64::new(0);
 static BYTES_OUT: AtomicU64 = AtomicU64::new(0);
@@ -39,19 +39,24 @@ struct Publisher {
 static PUBLISHER: Mutex<Option<Publisher>> = Mutex::new(None);
 
 /// What a process publishes besides its counters.
-pub struct Identity<'a> {
-    pub name: &'a str,
+pub(crate) struct Identity<'a> {
+    pub(crate) name: &'a str,
     /// `bind-input`, `bind-output`, `pool` or `master`.
-    pub kind: &'a str,
-    pub port: u16,
+    pub(crate) kind: &'a str,
+    pub(crate) port: u16,
     /// The remote host (bind-output, master).
-    pub host: Option<&'a str>,
+    pub(crate) host: Option<&'a str>,
     /// The FIFO (bindings).
-    pub fifo: Option<&'a Path>,
+    pub(crate) fifo: Option<&'a Path>,
 }
 
 /// Starts publishing the figures of a binding (see [`start`]).
-pub fn start_binding(binding: &crate::binding::Binding, kind: &str, port: u16, host: Option<&str>) {
+pub(crate) fn start_binding(
+    binding: &crate::binding::Binding,
+    kind: &str,
+    port: u16,
+    host: Option<&str>,
+) {
     start(
         binding.dir.path(),
         Identity {
@@ -65,7 +70,7 @@ pub fn start_binding(binding: &crate::binding::Binding, kind: &str, port: u16, h
 }
 
 /// Starts publishing the figures of a pool or master named `name`.
-pub fn start_owner(
+pub(crate) fn start_owner(
     dir: &crate::runtime_dir::RuntimeDir,
     name: &str,
     kind: &str,
@@ -86,7 +91,7 @@ pub fn start_owner(
 
 /// Starts publishing into `dir`/.NAME.status. Call it once signals are
 /// blocked (the thread must inherit the mask).
-pub fn start(dir: &Path, who: Identity<'_>) {
+pub(crate) fn start(dir: &Path, who: Identity<'_>) {
     // Out of descriptors, there is no status to publish; the command's
     // own work reports the shortage with its context.
     let Ok(me) = ProcessId::try_current() else {
@@ -186,17 +191,17 @@ impl Publisher {
 }
 
 /// Bytes read in (from sockets, or from the FIFO), per batch.
-pub fn add_in(bytes: usize) {
+pub(crate) fn add_in(bytes: usize) {
     BYTES_IN.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 /// Bytes passed on (into the FIFO, or to the socket), per batch.
-pub fn add_out(bytes: usize) {
+pub(crate) fn add_out(bytes: usize) {
     BYTES_OUT.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 /// A peer connected (or, for a pool, a master authenticated).
-pub fn peer_added(peer: impl std::fmt::Display) {
+pub(crate) fn peer_added(peer: impl std::fmt::Display) {
     if let Some(p) = lock().as_mut() {
         p.peers.push(peer.to_string());
         CHANGES.fetch_add(1, Ordering::Relaxed);
@@ -204,7 +209,7 @@ pub fn peer_added(peer: impl std::fmt::Display) {
 }
 
 /// That peer is gone.
-pub fn peer_gone(peer: impl std::fmt::Display) {
+pub(crate) fn peer_gone(peer: impl std::fmt::Display) {
     if let Some(p) = lock().as_mut() {
         let text = peer.to_string();
         if let Some(i) = p.peers.iter().position(|q| *q == text) {
@@ -215,7 +220,7 @@ pub fn peer_gone(peer: impl std::fmt::Display) {
 }
 
 /// Stops publishing and removes the file.
-pub fn finish() {
+pub(crate) fn finish() {
     STOPPED.store(true, Ordering::Relaxed);
     if let Some(p) = lock().take() {
         let _ = fs::remove_file(&p.path);
@@ -224,7 +229,7 @@ pub fn finish() {
 }
 
 /// Removes the status file of `name` in `dir` (its owner is dead).
-pub fn remove(dir: &Path, name: &str) {
+pub(crate) fn remove(dir: &Path, name: &str) {
     let path = dir.join(format!(".{name}.status"));
     let _ = fs::remove_file(&path);
     let _ = fs::remove_file(path.with_extension("status-new"));

@@ -28,41 +28,36 @@ use crate::args::Key;
 use crate::error::{Error, Result};
 
 /// The most a `--key-fd` pipe may hold: a stream secret in hex is 64.
-pub const MAX_KEY_FD: usize = 128;
+pub(crate) const MAX_KEY_FD: usize = 128;
 /// The first delay before reconnecting; it doubles up to the cap.
-pub const BACKOFF_START: Duration = Duration::from_millis(100);
-/// The default cap of the backoff (`--backoff-max`).
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(100);
 /// A receiver acknowledges at least this often, so a silent sender side
 /// can tell a live link from a dead one.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Acknowledgements come after each FIFO write batch, but at most this
 /// often unless [`ACK_BYTES`] have been written since the last one.
-pub const ACK_EVERY: Duration = Duration::from_millis(100);
-pub const ACK_BYTES: u64 = 64 * 1024;
-/// The default `--peer-timeout`: nothing heard from the receiver for this
-/// long (it acknowledges every [`HEARTBEAT`]) means the link is dead.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const ACK_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const ACK_BYTES: u64 = 64 * 1024;
 /// How many streams a receiver remembers offsets of; the least recently
 /// seen one is forgotten first.
-pub const MAX_STREAMS: usize = 256;
+pub(crate) const MAX_STREAMS: usize = 256;
 /// The time a connection has to authenticate and name its stream.
-pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 /// A stream's name: 32 hex digits, random for each sender process.
-pub fn new_stream_id() -> String {
+pub(crate) fn new_stream_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the system's random source works");
     hex::encode(bytes)
 }
 
 /// The sender's first line: `STREAM <id> <acked>`.
-pub fn stream_line(id: &str, acked: u64) -> String {
+pub(crate) fn stream_line(id: &str, acked: u64) -> String {
     format!("STREAM {id} {acked}")
 }
 
 /// Reads a `STREAM <id> <acked>` line.
-pub fn parse_stream_line(line: &str) -> std::result::Result<(String, u64), String> {
+pub(crate) fn parse_stream_line(line: &str) -> std::result::Result<(String, u64), String> {
     let words: Vec<&str> = line.split(' ').collect();
     match words.as_slice() {
         ["STREAM", id, acked] if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
@@ -79,7 +74,7 @@ pub fn parse_stream_line(line: &str) -> std::result::Result<(String, u64), Strin
 }
 
 /// Reads a `RESUME <offset>` line.
-pub fn parse_resume_line(line: &str) -> std::result::Result<u64, String> {
+pub(crate) fn parse_resume_line(line: &str) -> std::result::Result<u64, String> {
     line.strip_prefix("RESUME ")
         .and_then(|n| n.parse::<u64>().ok())
         .ok_or_else(|| {
@@ -93,7 +88,7 @@ pub fn parse_resume_line(line: &str) -> std::result::Result<u64, String> {
 /// Reads the secret from an inherited descriptor (a pipe the parent
 /// writes it into and closes): to end-of-file, at most [`MAX_KEY_FD`]
 /// bytes, a trailing newline dropped; the descriptor is closed after.
-pub fn read_key_fd(fd: RawFd) -> Result<Key> {
+pub(crate) fn read_key_fd(fd: RawFd) -> Result<Key> {
     if fd <= 2 {
         return Err(Error::usage(format!(
             "--key-fd {fd}: not a descriptor of its own"
@@ -138,13 +133,13 @@ pub fn read_key_fd(fd: RawFd) -> Result<Key> {
 /// Capped exponential backoff with jitter: each delay is drawn from the
 /// upper half of the current step, so many senders cut at once do not
 /// come back in step, and none waits longer than the cap.
-pub struct Backoff {
+pub(crate) struct Backoff {
     step: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    pub fn new(max: Duration) -> Backoff {
+    pub(crate) fn new(max: Duration) -> Backoff {
         Backoff {
             step: BACKOFF_START.min(max),
             max,
@@ -152,7 +147,7 @@ impl Backoff {
     }
 
     /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let mut r = [0u8; 4];
         getrandom::fill(&mut r).expect("the system's random source works");
         let frac = 0.5 + 0.5 * (u32::from_le_bytes(r) as f64 / u32::MAX as f64);
@@ -162,19 +157,19 @@ impl Backoff {
     }
 
     /// A connection worked: start again from the first step.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.step = BACKOFF_START.min(self.max);
     }
 }
 
 /// What a receiver knows of one stream.
-pub struct StreamState {
+pub(crate) struct StreamState {
     /// Bytes of this stream written into the FIFO.
-    pub written: u64,
+    pub(crate) written: u64,
     /// The token of the connection carrying it now, if any.
-    pub conn: Option<u64>,
+    pub(crate) conn: Option<u64>,
     /// The sender said Close and everything was written.
-    pub ended: bool,
+    pub(crate) ended: bool,
     seen: Instant,
 }
 
@@ -183,18 +178,18 @@ pub struct StreamState {
 /// back after that is taken for a new stream at its own acknowledged
 /// offset, which is all it can be told).
 #[derive(Default)]
-pub struct Streams {
+pub(crate) struct Streams {
     map: HashMap<String, StreamState>,
 }
 
 impl Streams {
-    pub fn get_mut(&mut self, id: &str) -> Option<&mut StreamState> {
+    pub(crate) fn get_mut(&mut self, id: &str) -> Option<&mut StreamState> {
         self.map.get_mut(id)
     }
 
     /// The stream `id` as a connection names it, created at `acked` when
     /// unknown.
-    pub fn adopt(&mut self, id: &str, acked: u64) -> &mut StreamState {
+    pub(crate) fn adopt(&mut self, id: &str, acked: u64) -> &mut StreamState {
         if !self.map.contains_key(id) && self.map.len() >= MAX_STREAMS {
             let oldest = self
                 .map
@@ -216,17 +211,14 @@ impl Streams {
         state
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
 /// Parses a size: bytes, or with a suffix K, M or G (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let bad = || "a size is a number of bytes, optionally with K, M or G (e.g. 8M)".to_string();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 'k' | 'K')) => (&s[..i], 1usize << 10),

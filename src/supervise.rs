@@ -34,9 +34,10 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use crate::args::Id;
-use crate::binding::{IN, PollSet};
 use crate::claim::{Claim, Refused};
+use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
+use crate::poll::{IN, PollSet};
 use crate::process::ProcessId;
 use crate::protocol::Conn;
 use crate::registry::{self, Entry, Kind, Registry};
@@ -50,13 +51,10 @@ pub const GRACE: Duration = Duration::from_millis(1500);
 /// given to connect (pool(1), master(1)).
 pub const START_LIMIT: Duration = Duration::from_secs(10);
 /// The bindings a pool and a master start take their stream's secret on
-/// a descriptor ([`KEY_FD_OPTION`]) and speak the sealed stream protocol.
+/// a descriptor (`--key-fd`) and speak the sealed stream protocol.
 /// Off, they are started as before protocol 2 and move the stream in
 /// clear text: for a bind-input and bind-output without `--key-fd`.
-pub const STREAM_KEYS: bool = true;
-/// The option of bind-input and bind-output naming the descriptor their
-/// stream secret is read from (to end-of-file, then closed).
-pub const KEY_FD_OPTION: &str = "--key-fd";
+pub(crate) const STREAM_KEYS: bool = true;
 
 /// A running pool or master: its bookkeeping and its children.
 pub struct Owner {
@@ -177,12 +175,11 @@ impl Owner {
     /// A binding that says nothing within `limit` is stopped; so is one
     /// starting when a stop signal comes (the error then carries the
     /// signal's status). A `secret` (its stream's) is handed over in hex
-    /// through a pipe it reads to end-of-file ([`KEY_FD_OPTION`]): never
+    /// through a pipe it reads to end-of-file (`--key-fd`): never
     /// in its arguments or environment.
-    pub fn start_binding(
+    pub(crate) fn start_binding(
         &mut self,
-        program: &str,
-        args: &[String],
+        mut child: ChildBinding,
         name: &Id,
         limit: Duration,
         secret: Option<&[u8]>,
@@ -190,14 +187,16 @@ impl Owner {
         let fd = self.watchdog.read.as_raw_fd();
         let key_pipe = secret.map(secret_pipe).transpose()?;
         let key_fd = key_pipe.as_ref().map(|p| p.as_raw_fd());
-        let mut cmd = Command::new(sibling(program));
-        cmd.arg("--foreground")
-            .arg("--watchdog-fd")
-            .arg(fd.to_string());
+        let common = child.common_mut();
+        common.foreground = true;
+        common.watchdog_fd = Some(fd);
         if let Some(k) = key_fd {
-            cmd.arg(KEY_FD_OPTION).arg(k.to_string());
+            child.set_key_fd(k);
         }
-        cmd.args(args).env(ENV_DIR, self.binding_dir().path());
+        let args = child.to_args();
+        let program = child.program();
+        let mut cmd = Command::new(sibling(program));
+        cmd.args(&args).env(ENV_DIR, self.binding_dir().path());
         // SAFETY: fcntl and sigprocmask are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {

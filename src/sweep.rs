@@ -23,7 +23,7 @@ use crate::runtime_dir::RuntimeDir;
 
 /// How long the processes of a dead owner get to close properly.
 const GRACE: Duration = Duration::from_secs(1);
-pub fn sweep(dir: &RuntimeDir) {
+pub(crate) fn sweep(dir: &RuntimeDir) {
     let Ok(entries) = fs::read_dir(dir.path()) else {
         return;
     };

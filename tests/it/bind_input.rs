@@ -78,18 +78,17 @@ fn port_in_use_is_unavailable() {
 fn live_id_is_refused_and_keeps_working() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["live", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["live", &port.to_string()]);
     let other = free_port().to_string();
     let out = env.run(BIND_INPUT, &["live", &other]);
     assert_fails(&out, 73, "live");
     let (_listener, lport) = listener();
     let out = env.run(BIND_OUTPUT, &["live", "127.0.0.1", &lport.to_string()]);
     assert_fails(&out, 73, "live");
-    assert!(alive(pid));
+    assert!(alive(binding.pid));
     send(port, b"still here\n");
     assert_eq!(read_lines(&env.fifo("live"), 1), ["still here"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -166,18 +165,11 @@ fn stop_signals_close_properly() {
         (libc::SIGTERM, "term"),
     ] {
         let port = free_port();
-        let pid = env.start(BIND_INPUT, &[id, &port.to_string()]);
+        let binding = env.start(BIND_INPUT, &[id, &port.to_string()]);
         // A live connection must not hold it open.
         let _conn = connect(port);
         assert!(env.fifo(id).exists() && env.lock(id).exists());
-        kill(pid, sig);
-        assert!(
-            wait_gone(pid, Duration::from_secs(1)),
-            "signal {sig}: still running\n{}",
-            env.logs()
-        );
-        assert!(!env.fifo(id).exists(), "signal {sig}: FIFO left");
-        assert!(!env.lock(id).exists(), "signal {sig}: claim left");
+        binding.stop_within(sig, Duration::from_secs(1));
     }
     env.assert_clean();
 }
@@ -189,21 +181,19 @@ fn sigkill_leftovers_are_reclaimed_at_once() {
     let env = Env::new();
     let port = free_port();
     let p = port.to_string();
-    let pid = env.start(BIND_INPUT, &["k", &p]);
+    let binding = env.start(BIND_INPUT, &["k", &p]);
     // A connection still open when it dies must not keep the port taken.
     let mut held = connect(port);
     held.write_all(b"lost with it\n").unwrap();
-    kill(pid, libc::SIGKILL);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.kill();
     assert!(env.fifo("k").exists() && env.lock("k").exists());
 
-    let pid = env.start(BIND_INPUT, &["k", &p]);
+    let binding = env.start(BIND_INPUT, &["k", &p]);
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"fresh\n").unwrap();
     drop(conn);
     assert_eq!(read_lines(&env.fifo("k"), 1), ["fresh"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -232,7 +222,7 @@ fn concurrent_senders_never_interleave() {
     const LINES: usize = 2000;
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["many", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["many", &port.to_string()]);
     let senders: Vec<_> = (0..CONNS)
         .map(|c| {
             std::thread::spawn(move || {
@@ -269,8 +259,7 @@ fn concurrent_senders_never_interleave() {
             );
         }
     }
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -318,7 +307,7 @@ fn reopening_bash_reader_loses_nothing() {
 fn partial_line_waits_for_its_connection_to_end() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["part", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["part", &port.to_string()]);
     let mut open = connect(port);
     open.write_all(b"first\nsecond half").unwrap();
     assert_eq!(read_lines(&env.fifo("part"), 1), ["first"]);
@@ -327,8 +316,7 @@ fn partial_line_waits_for_its_connection_to_end() {
     assert_eq!(read_lines(&env.fifo("part"), 1), ["other"]);
     drop(open);
     assert_eq!(read_lines(&env.fifo("part"), 1), ["second half"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -340,15 +328,14 @@ fn dual_stack_accepts_ipv6() {
     }
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["six", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["six", &port.to_string()]);
     let mut s = std::net::TcpStream::connect(("::1", port)).unwrap();
     s.write_all(b"over ipv6\n").unwrap();
     drop(s);
     assert_eq!(read_lines(&env.fifo("six"), 1), ["over ipv6"]);
     send(port, b"over ipv4\n");
     assert_eq!(read_lines(&env.fifo("six"), 1), ["over ipv4"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -357,7 +344,7 @@ fn dual_stack_accepts_ipv6() {
 fn bind_option_restricts_the_local_address() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(
+    let binding = env.start(
         BIND_INPUT,
         &["--bind", "127.0.0.1", "four", &port.to_string()],
     );
@@ -367,8 +354,7 @@ fn bind_option_restricts_the_local_address() {
     }
     send(port, b"via 127.0.0.1\n");
     assert_eq!(read_lines(&env.fifo("four"), 1), ["via 127.0.0.1"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -384,7 +370,7 @@ fn allow_option_refuses_other_peers() {
     }
     for (allowed, good, bad) in cases {
         let port = free_port();
-        let pid = env.start(
+        let binding = env.start(
             BIND_INPUT,
             &["--allow", allowed, "guard", &port.to_string()],
         );
@@ -399,8 +385,7 @@ fn allow_option_refuses_other_peers() {
         friend.write_all(b"friend\n").unwrap();
         drop(friend);
         assert_eq!(read_lines(&env.fifo("guard"), 1), ["friend"]);
-        kill(pid, libc::SIGTERM);
-        assert!(wait_gone(pid, PATIENCE));
+        binding.stop(libc::SIGTERM);
     }
     env.assert_clean();
 }
@@ -412,7 +397,7 @@ fn ready_when_it_returns() {
     let env = Env::new();
     for round in 0..10 {
         let port = free_port();
-        let pid = env.start(BIND_INPUT, &["ready", &port.to_string()]);
+        let binding = env.start(BIND_INPUT, &["ready", &port.to_string()]);
         let fifo_there =
             fs::symlink_metadata(env.fifo("ready")).is_ok_and(|m| m.file_type().is_fifo());
         let conn = std::net::TcpStream::connect(("127.0.0.1", port));
@@ -422,8 +407,7 @@ fn ready_when_it_returns() {
         assert_eq!(mode(&env.fifo("ready")), 0o600, "FIFO mode");
         assert_eq!(mode(&env.dir), 0o700, "runtime directory mode");
         drop(conn);
-        kill(pid, libc::SIGTERM);
-        assert!(wait_gone(pid, PATIENCE));
+        binding.stop(libc::SIGTERM);
     }
     env.assert_clean();
 }
@@ -435,14 +419,13 @@ fn ready_when_it_returns() {
 fn sequential_connections_keep_their_order() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["seq", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["seq", &port.to_string()]);
     let want: Vec<String> = (0..200).map(|i| format!("conn {i}")).collect();
     for line in &want {
         send(port, format!("{line}\n").as_bytes());
     }
     assert_eq!(read_lines(&env.fifo("seq"), want.len()), want);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -451,9 +434,8 @@ fn sequential_connections_keep_their_order() {
 #[test]
 fn simultaneous_starts_all_succeed() {
     let env = Env::new();
-    let stale = env.start(BIND_INPUT, &["stale", &free_port().to_string()]);
-    kill(stale, libc::SIGKILL);
-    assert!(wait_gone(stale, PATIENCE));
+    env.start(BIND_INPUT, &["stale", &free_port().to_string()])
+        .kill();
     let env = std::sync::Arc::new(env);
     let starters: Vec<_> = (0..8)
         .map(|i| {
@@ -461,8 +443,8 @@ fn simultaneous_starts_all_succeed() {
             std::thread::spawn(move || {
                 let port = free_port();
                 let id = format!("par{i}");
-                let pid = env.start(BIND_INPUT, &[&id, &port.to_string()]);
-                (pid, port, id)
+                let binding = env.start(BIND_INPUT, &[&id, &port.to_string()]);
+                (binding, port, id)
             })
         })
         .collect();
@@ -471,9 +453,8 @@ fn simultaneous_starts_all_succeed() {
         send(*port, format!("to {id}\n").as_bytes());
         assert_eq!(read_lines(&env.fifo(id), 1), [format!("to {id}")]);
     }
-    for (pid, _, _) in &started {
-        kill(*pid, libc::SIGTERM);
-        assert!(wait_gone(*pid, PATIENCE));
+    for (binding, _, _) in started {
+        binding.stop(libc::SIGTERM);
     }
     env.assert_clean();
 }
@@ -485,7 +466,7 @@ fn simultaneous_starts_all_succeed() {
 fn long_last_line_is_completed_at_end_of_connection() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["long", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["long", &port.to_string()]);
     // Around and beyond the 128 KiB buffer.
     for len in [131_071, 131_072, 131_073, 262_144, 300_000] {
         let long = "y".repeat(len);
@@ -502,8 +483,7 @@ fn long_last_line_is_completed_at_end_of_connection() {
     }
     send(port, b"next\n");
     assert_eq!(read_lines(&env.fifo("long"), 1), ["next"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -534,7 +514,7 @@ fn full_fifo_holds_whole_lines_only() {
     use std::sync::atomic::{AtomicU64, Ordering};
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["full", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["full", &port.to_string()]);
     let fifo = env.fifo("full");
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
@@ -572,7 +552,7 @@ fn full_fifo_holds_whole_lines_only() {
             "trial {trial}: the sender never stalled\n{}",
             env.logs()
         );
-        kill(pid, libc::SIGSTOP);
+        kill(binding.pid, libc::SIGSTOP);
         // Read quickly down to the last few KiB, then to a line's end, as
         // bash would: the rest is for the bash reader.
         let mut f = fs::OpenOptions::new()
@@ -594,7 +574,7 @@ fn full_fifo_holds_whole_lines_only() {
         while f.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {}
         drop(f);
         let out = run_with_timeout(env.cmd("bash").args(["-c", script, "reader"]).arg(&fifo));
-        kill(pid, libc::SIGCONT);
+        kill(binding.pid, libc::SIGCONT);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let v: Vec<usize> = text
             .split_whitespace()
@@ -615,8 +595,7 @@ fn full_fifo_holds_whole_lines_only() {
         env.logs()
     );
     assert!(lines > 20, "the bash reader read {lines} lines");
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     sender.join().unwrap();
     env.assert_clean();
 }
@@ -627,7 +606,7 @@ fn full_fifo_holds_whole_lines_only() {
 fn once_binding_exits_when_its_fifo_is_removed_unread() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["--once", "gone", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["--once", "gone", &port.to_string()]);
     send(port, b"never read\n");
     assert!(
         wait_for(PATIENCE, || env.logs().contains("ended")),
@@ -635,11 +614,7 @@ fn once_binding_exits_when_its_fifo_is_removed_unread() {
         env.logs()
     );
     fs::remove_file(env.fifo("gone")).unwrap();
-    assert!(
-        wait_gone(pid, PATIENCE),
-        "still running with its FIFO gone\n{}",
-        env.logs()
-    );
+    binding.assert_exits(PATIENCE, "its FIFO removed");
     assert!(env.logs().contains("removed"), "{}", env.logs());
     env.assert_clean();
 }

@@ -157,17 +157,10 @@ fn stop_signals_close_properly() {
         (libc::SIGHUP, "hup"),
         (libc::SIGTERM, "term"),
     ] {
-        let pid = env.start(BIND_OUTPUT, &[id, "127.0.0.1", &port.to_string()]);
+        let binding = env.start(BIND_OUTPUT, &[id, "127.0.0.1", &port.to_string()]);
         let mut conn = accept(&listener);
         assert!(env.fifo(id).exists() && env.lock(id).exists());
-        kill(pid, sig);
-        assert!(
-            wait_gone(pid, Duration::from_secs(1)),
-            "signal {sig}: still running\n{}",
-            env.logs()
-        );
-        assert!(!env.fifo(id).exists(), "signal {sig}: FIFO left");
-        assert!(!env.lock(id).exists(), "signal {sig}: claim left");
+        binding.stop_within(sig, Duration::from_secs(1));
         assert!(wait_closed(&mut conn, PATIENCE), "connection left open");
     }
     env.assert_clean();
@@ -180,18 +173,16 @@ fn sigkill_leftovers_are_reclaimed_at_once() {
     let env = Env::new();
     let (listener, port) = listener();
     let port = port.to_string();
-    let pid = env.start(BIND_OUTPUT, &["k", "127.0.0.1", &port]);
-    kill(pid, libc::SIGKILL);
-    assert!(wait_gone(pid, PATIENCE));
+    let binding = env.start(BIND_OUTPUT, &["k", "127.0.0.1", &port]);
+    binding.kill();
     drop(accept(&listener));
     assert!(env.fifo("k").exists() && env.lock("k").exists());
-    let pid = env.start(BIND_OUTPUT, &["k", "127.0.0.1", &port]);
+    let binding = env.start(BIND_OUTPUT, &["k", "127.0.0.1", &port]);
     let mut conn = accept(&listener);
     let out = env.bash(r#"echo again > "$FIFOBIND_DIR/k""#);
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(read_lines_from(&mut conn, 1), ["again"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -201,14 +192,13 @@ fn sigkill_leftovers_are_reclaimed_at_once() {
 fn writers_reopening_per_line_arrive_in_order() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["w", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["w", "127.0.0.1", &port.to_string()]);
     let mut conn = accept(&listener);
     let out = env.bash(r#"for i in $(seq 1 500); do echo "line $i" > "$FIFOBIND_DIR/w"; done"#);
     assert!(out.status.success(), "{}", describe(&out));
     let want: Vec<String> = (1..=500).map(|i| format!("line {i}")).collect();
     assert_eq!(read_lines_from(&mut conn, 500), want);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -218,7 +208,7 @@ fn writers_reopening_per_line_arrive_in_order() {
 fn more_than_a_buffer_full_keeps_flowing() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["big", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["big", "127.0.0.1", &port.to_string()]);
     let mut conn = accept(&listener);
     let writer = env.spawn_bash(r#"seq 1 400000 > "$FIFOBIND_DIR/big""#);
     let got = read_lines_from(&mut conn, 400_000);
@@ -229,8 +219,7 @@ fn more_than_a_buffer_full_keeps_flowing() {
             .all(|(i, l)| *l == (i + 1).to_string())
     );
     drop(writer);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -255,7 +244,7 @@ fn sigterm_flushes_what_was_written() {
     );
     let out = env.bash(&script);
     assert!(out.status.success(), "{}", describe(&out));
-    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let pid = printed_pid(&out);
     assert!(wait_gone(pid, Duration::from_secs(1)), "{}", env.logs());
     // End-of-file after the last line: the receiver stops there.
     let got = receiver.join().unwrap();
@@ -272,7 +261,7 @@ fn sigterm_flushes_what_was_written() {
 fn remote_close_ends_the_binding() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["gone", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["gone", "127.0.0.1", &port.to_string()]);
     drop(accept(&listener));
     // One writer, holding the FIFO open: a shell redirection after the
     // binding is gone would create a regular file in its place.
@@ -285,7 +274,7 @@ fn remote_close_ends_the_binding() {
         // EPIPE once the binding is gone: it may end any moment.
         let _ = fifo.write(b"anyone there?\n");
         std::thread::sleep(Duration::from_millis(20));
-        !alive(pid)
+        !alive(binding.pid)
     });
     assert!(
         ended,
@@ -306,7 +295,7 @@ fn remote_close_ends_the_binding() {
 fn half_closing_remote_still_receives() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["half", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["half", "127.0.0.1", &port.to_string()]);
     let mut conn = accept(&listener);
     conn.shutdown(std::net::Shutdown::Write).unwrap();
     // The binding has read the end-of-file before the lines come.
@@ -319,9 +308,8 @@ fn half_closing_remote_still_receives() {
     assert!(out.status.success(), "{}", describe(&out));
     let want: Vec<String> = (1..=100).map(|i| format!("line {i}")).collect();
     assert_eq!(read_lines_from(&mut conn, 100), want, "{}", env.logs());
-    assert!(alive(pid), "{}", env.logs());
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    assert!(alive(binding.pid), "{}", env.logs());
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -363,7 +351,7 @@ fn ncat_recv_only_gets_every_line() {
 fn drain_waits_for_every_writer() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["late", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["late", "127.0.0.1", &port.to_string()]);
     let mut conn = accept(&listener);
     // A writer that goes on writing, slowly, after the signal: the FIFO
     // is empty between its lines.
@@ -373,14 +361,14 @@ fn drain_waits_for_every_writer() {
     );
     // At least the first line (one read may bring more).
     let mut got = read_lines_from(&mut conn, 1);
-    kill(pid, libc::SIGUSR1);
+    kill(binding.pid, libc::SIGUSR1);
     assert!(got.len() < 100, "the writer was done before the signal");
     let (rest, closed) = read_until_closed(&mut conn, PATIENCE);
     assert!(closed, "the binding did not close after draining");
     got.extend(rest);
     let want: Vec<String> = (1..=100).map(|i| format!("line {i}")).collect();
     assert_eq!(got, want, "{}", env.logs());
-    assert!(wait_gone(pid, PATIENCE));
+    binding.assert_exits(PATIENCE, "SIGUSR1");
     env.assert_clean();
 }
 
@@ -421,9 +409,7 @@ fn out_of_descriptors_leaves_nothing() {
                 if out.status.success() {
                     started += 1;
                     if fg.is_empty() {
-                        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-                        kill(pid, libc::SIGTERM);
-                        assert!(wait_gone(pid, PATIENCE), "{what}");
+                        env.binding(printed_pid(&out)).stop(libc::SIGTERM);
                     }
                 } else {
                     failed += 1;
@@ -471,14 +457,13 @@ fn connects_over_ipv6() {
     let port = free_port();
     let listener = std::net::TcpListener::bind(("::1", port)).unwrap();
     for host in ["::1", "[::1]"] {
-        let pid = env.start(BIND_OUTPUT, &["six", host, &port.to_string()]);
+        let binding = env.start(BIND_OUTPUT, &["six", host, &port.to_string()]);
         let mut conn = accept(&listener);
         assert!(conn.peer_addr().unwrap().is_ipv6());
         let out = env.bash(r#"echo "via v6" > "$FIFOBIND_DIR/six""#);
         assert!(out.status.success(), "{}", describe(&out));
         assert_eq!(read_lines_from(&mut conn, 1), ["via v6"]);
-        kill(pid, libc::SIGTERM);
-        assert!(wait_gone(pid, PATIENCE));
+        binding.stop(libc::SIGTERM);
     }
     env.assert_clean();
 }
@@ -490,7 +475,7 @@ fn ready_when_it_returns() {
     let (listener, port) = listener();
     listener.set_nonblocking(true).unwrap();
     for round in 0..10 {
-        let pid = env.start(BIND_OUTPUT, &["ready", "127.0.0.1", &port.to_string()]);
+        let binding = env.start(BIND_OUTPUT, &["ready", "127.0.0.1", &port.to_string()]);
         let fifo_there =
             std::fs::symlink_metadata(env.fifo("ready")).is_ok_and(|m| m.file_type().is_fifo());
         assert!(fifo_there, "round {round}: no FIFO yet");
@@ -506,8 +491,7 @@ fn ready_when_it_returns() {
         let mut buf = [0u8; 4];
         conn.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"now\n");
-        kill(pid, libc::SIGTERM);
-        assert!(wait_gone(pid, PATIENCE));
+        binding.stop(libc::SIGTERM);
     }
     env.assert_clean();
 }
@@ -518,7 +502,7 @@ fn ready_when_it_returns() {
 fn sigterm_with_stalled_remote_still_exits() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["stall", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["stall", "127.0.0.1", &port.to_string()]);
     let _conn = accept(&listener); // never read
     let mut fifo = std::fs::OpenOptions::new()
         .write(true)
@@ -542,8 +526,7 @@ fn sigterm_with_stalled_remote_still_exits() {
     assert!(filled, "the FIFO never filled up");
     drop(fifo);
     let signalled = Instant::now();
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     let took = signalled.elapsed();
     // The binding gives up flushing after 0.9 s to meet the spec's one
     // second; the rest is slack for a loaded test machine.

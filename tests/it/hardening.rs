@@ -357,13 +357,13 @@ fn flood_into_unread_fifo_is_held_back_and_delivered_intact() {
     const TOTAL: u64 = 200_000_000;
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["flood", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["flood", &port.to_string()]);
     let (mut lines, mut bytes) = (0u64, 0u64);
     while bytes < TOTAL {
         bytes += flood_line_len(lines) as u64;
         lines += 1;
     }
-    let sampler = RssSampler::start(pid);
+    let sampler = RssSampler::start(binding.pid);
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
         let sent = sent.clone();
@@ -394,10 +394,11 @@ fn flood_into_unread_fifo_is_held_back_and_delivered_intact() {
 
     let started = Instant::now();
     let mut check = FloodCheck::default();
-    let read = read_chunks(&env.fifo("flood"), PATIENCE, |chunk| {
+    let read = read_until(open_fifo(&env.fifo("flood")), PATIENCE, |chunk| {
         check.feed(chunk);
         check.next < lines
-    });
+    })
+    .bytes;
     sender.join().expect("the sender finished");
     let max = sampler.finish();
     println!(
@@ -408,8 +409,7 @@ fn flood_into_unread_fifo_is_held_back_and_delivered_intact() {
     assert_eq!(read, bytes, "bytes read back");
     assert!(check.pending.is_empty());
     assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -455,14 +455,14 @@ fn endless_line_is_passed_on_in_pieces() {
     const LONG: u64 = 100_000_000;
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["long", &port.to_string()]);
-    let sampler = RssSampler::start(pid);
+    let binding = env.start(BIND_INPUT, &["long", &port.to_string()]);
+    let sampler = RssSampler::start(binding.pid);
     let received = Arc::new(AtomicU64::new(0));
     let reader = {
         let (fifo, received) = (env.fifo("long"), received.clone());
         std::thread::spawn(move || {
             let mut check = LongCheck::default();
-            read_chunks(&fifo, PATIENCE, |chunk| {
+            read_until(open_fifo(&fifo), PATIENCE, |chunk| {
                 check.feed(LONG, chunk);
                 received.fetch_add(chunk.len() as u64, Ordering::SeqCst);
                 check.tail.len() < "\nother line\nafter\n".len()
@@ -514,8 +514,7 @@ fn endless_line_is_passed_on_in_pieces() {
     rest.sort();
     assert_eq!(rest, ["after", "other line"]);
     assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -527,9 +526,9 @@ fn endless_line_is_passed_on_in_pieces() {
 fn output_to_a_remote_that_never_reads_blocks_the_writer() {
     let env = Env::new();
     let (listener, port) = listener();
-    let pid = env.start(BIND_OUTPUT, &["stall", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["stall", "127.0.0.1", &port.to_string()]);
     let remote = accept(&listener); // never read
-    let sampler = RssSampler::start(pid);
+    let sampler = RssSampler::start(binding.pid);
     let written = Arc::new(AtomicU64::new(0));
     let (done, writer_done) = mpsc::channel();
     {
@@ -561,8 +560,7 @@ fn output_to_a_remote_that_never_reads_blocks_the_writer() {
     assert!(max < RSS_LIMIT_KIB, "binding RSS reached {max} KiB");
 
     let signalled = Instant::now();
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     let took = signalled.elapsed();
     println!("stalled remote: SIGTERM ended the binding in {took:?}");
     assert!(took < Duration::from_millis(1500), "exit took {took:?}");
@@ -1232,7 +1230,7 @@ fn drain_signal_waits_for_a_silent_remote() {
     // inherits it) keeps the connection's share small: bytes stay in the
     // FIFO.
     small_receive_window(&listener);
-    let pid = env.start(BIND_OUTPUT, &["drain", "127.0.0.1", &port.to_string()]);
+    let binding = env.start(BIND_OUTPUT, &["drain", "127.0.0.1", &port.to_string()]);
     let mut remote = accept(&listener);
     // Fill the FIFO and the connection, counting exactly what went in.
     let written = Arc::new(AtomicU64::new(0));
@@ -1284,7 +1282,7 @@ fn drain_signal_waits_for_a_silent_remote() {
         n
     };
     assert!(unread > 0, "the FIFO is empty: nothing to drain");
-    kill(pid, libc::SIGUSR1);
+    kill(binding.pid, libc::SIGUSR1);
     // The remote stays silent longer than a stop signal's flush may take.
     // (It may close before the remote reads, once the kernel holds all.)
     std::thread::sleep(Duration::from_millis(1500));
@@ -1304,6 +1302,6 @@ fn drain_signal_waits_for_a_silent_remote() {
     let (last, full) = lines.split_last().expect("something arrived");
     assert!(full.iter().all(|l| *l == whole), "a line was torn");
     assert!(whole.starts_with(last.as_str()));
-    assert!(wait_gone(pid, PATIENCE));
+    binding.assert_exits(PATIENCE, "SIGUSR1");
     env.assert_clean();
 }

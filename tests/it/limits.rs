@@ -21,7 +21,7 @@ fn ip(s: &str) -> IpAddr {
 fn stalled_long_line_holds_the_fifo_only_for_the_line_timeout() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(
+    let binding = env.start(
         BIND_INPUT,
         &["--line-timeout", "1", "stall", &port.to_string()],
     );
@@ -34,7 +34,7 @@ fn stalled_long_line_holds_the_fifo_only_for_the_line_timeout() {
     let progress = read.clone();
     let reader = std::thread::spawn(move || {
         let mut got = Vec::new();
-        read_chunks(&fifo, PATIENCE * 2, |c| {
+        read_until(open_fifo(&fifo), PATIENCE * 2, |c| {
             got.extend_from_slice(c);
             progress.store(got.len(), Ordering::SeqCst);
             !got.ends_with(b"short\n")
@@ -67,8 +67,7 @@ fn stalled_long_line_holds_the_fifo_only_for_the_line_timeout() {
         "the staller was not closed"
     );
     assert!(env.logs().contains("middle of a line"), "{}", env.logs());
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -78,7 +77,7 @@ fn stalled_long_line_holds_the_fifo_only_for_the_line_timeout() {
 fn max_conns_keeps_the_rest_in_the_backlog() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["--max-conns", "2", "cap", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["--max-conns", "2", "cap", &port.to_string()]);
     let fifo = env.fifo("cap");
     let mut a = connect(port);
     let b = connect(port);
@@ -92,8 +91,7 @@ fn max_conns_keeps_the_rest_in_the_backlog() {
     assert_eq!(accepted(), 2, "a third was accepted\n{}", env.logs());
     drop(b);
     assert_eq!(read_lines(&fifo, 1), ["third"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -103,7 +101,7 @@ fn max_conns_keeps_the_rest_in_the_backlog() {
 fn per_address_limit_refuses_the_excess_only() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(
+    let binding = env.start(
         BIND_INPUT,
         &["--max-conns-per-addr", "1", "peraddr", &port.to_string()],
     );
@@ -124,8 +122,7 @@ fn per_address_limit_refuses_the_excess_only() {
         "{}",
         env.logs()
     );
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -135,7 +132,7 @@ fn per_address_limit_refuses_the_excess_only() {
 fn idle_timeout_closes_silent_connections_only() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(
+    let binding = env.start(
         BIND_INPUT,
         &["--idle-timeout", "0.5", "idle", &port.to_string()],
     );
@@ -149,8 +146,7 @@ fn idle_timeout_closes_silent_connections_only() {
     // Well past the limit, the talker is still served.
     talker.write_all(b"still here\n").unwrap();
     assert_eq!(read_lines(&fifo, 1), ["still here"]);
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -160,7 +156,7 @@ fn idle_timeout_closes_silent_connections_only() {
 fn allow_takes_several_addresses_and_prefixes() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(
+    let binding = env.start(
         BIND_INPUT,
         &[
             "--allow",
@@ -190,8 +186,7 @@ fn allow_takes_several_addresses_and_prefixes() {
         let _ = s.write_all(b"intruder\n");
         assert!(wait_closed(&mut s, PATIENCE), "::1 was let in");
     }
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -202,7 +197,7 @@ fn thousand_concurrent_senders_all_arrive() {
     const SENDERS: usize = 1000;
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["burst", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["burst", &port.to_string()]);
     let fifo = env.fifo("burst");
     let reader = std::thread::spawn(move || read_lines(&fifo, SENDERS * 2));
     let line = |i: usize| format!("sender {i} a {}\nsender {i} b\n", "y".repeat(i % 300));
@@ -226,8 +221,7 @@ fn thousand_concurrent_senders_all_arrive() {
         want.len(),
         env.logs()
     );
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -241,7 +235,7 @@ fn out_of_descriptors_backs_off() {
     let port = free_port();
     let out = env.bash(&format!("ulimit -n 64 && exec bind-input fds {port}"));
     assert!(out.status.success(), "{}", describe(&out));
-    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let binding = env.binding(printed_pid(&out));
     let fifo = env.fifo("fds");
     let mut held: Vec<_> = (0..CONNS)
         .map(|i| {
@@ -255,10 +249,10 @@ fn out_of_descriptors_backs_off() {
         "{}",
         env.logs()
     );
-    let cpu0 = cpu_time(pid).unwrap();
+    let cpu0 = cpu_time(binding.pid).unwrap();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let cpu = cpu_time(pid).unwrap() - cpu0;
+    let cpu = cpu_time(binding.pid).unwrap() - cpu0;
     let wall = t0.elapsed();
     let log_size = fs::metadata(env.dir.join(".fds.log")).unwrap().len();
     println!("out of descriptors: {cpu:?} CPU in {wall:?}, log {log_size} bytes");
@@ -270,7 +264,33 @@ fn out_of_descriptors_backs_off() {
     let mut want: Vec<String> = (0..CONNS).map(|i| format!("conn {i}")).collect();
     want.sort();
     assert_eq!(got, want, "{}", env.logs());
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
+    env.assert_clean();
+}
+
+/// Accepted connections have TCP keepalive on, so a client whose host
+/// vanished (no FIN, no reset) is found dead: `ss` shows the timer.
+#[test]
+fn accepted_connections_have_keepalive() {
+    let probe = std::process::Command::new("ss").arg("-V").output();
+    if probe.is_err() {
+        assert!(std::env::var_os("CI").is_none(), "ss (iproute2) is missing");
+        println!("skipped: ss (iproute2) is missing");
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let binding = env.start(BIND_INPUT, &["alive", &port.to_string()]);
+    let mut s = connect(port);
+    s.write_all(b"hello\n").unwrap();
+    assert_eq!(read_lines(&env.fifo("alive"), 1), ["hello"]);
+    let filter = format!("( sport = :{port} )");
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("keepalive"), "no keepalive timer: {text:?}");
+    binding.stop(libc::SIGTERM);
     env.assert_clean();
 }

@@ -395,7 +395,7 @@ fn a_daemonized_bindings_log_is_capped_with_one_rotation() {
             .args(["in1", &port.to_string()]),
     );
     assert!(out.status.success(), "{}", describe(&out));
-    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let binding = env.binding(printed_pid(&out));
     let log = env.dir.join(".in1.log");
     let old = env.dir.join(".in1.log.1");
     let mut fifo = std::fs::File::open(env.fifo("in1")).unwrap();
@@ -409,8 +409,7 @@ fn a_daemonized_bindings_log_is_capped_with_one_rotation() {
         "no rotation: {}",
         env.logs()
     );
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     for path in [&log, &old] {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(
@@ -482,7 +481,7 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     // Not counted: it would cost the data path a pass over every byte.
     assert_eq!(e["lines_out"], serde_json::Value::Null);
     assert_eq!(e["kind"], "bind-input");
-    assert_eq!(e["pid"], input);
+    assert_eq!(e["pid"], input.pid);
     assert_eq!(e["port"], port);
     assert_eq!(e["bytes_in"], 14);
     assert_eq!(e["bytes_out"], 14);
@@ -516,7 +515,7 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     assert_eq!(got, ["alpha", "beta"]);
     let e = wait_entry(&env, "out1", None, |e| e["bytes_out"] == 11);
     assert_eq!(e["kind"], "bind-output");
-    assert_eq!(e["pid"], output);
+    assert_eq!(e["pid"], output.pid);
     assert_eq!(e["port"], remote);
     assert_eq!(e["host"], "127.0.0.1");
     assert_eq!(e["bytes_in"], 11);
@@ -537,7 +536,7 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     let out = env.run(FIFOBIND, &["stop", "in1", "out1"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
-        !alive(input) && !alive(output),
+        !alive(input.pid) && !alive(output.pid),
         "stop returns once they are gone"
     );
     env.assert_clean();
@@ -583,7 +582,7 @@ fn stop_says_which_did_not_stop_or_were_not_running() {
     let input = env.start(BIND_INPUT, &["in1", &port.to_string()]);
     let out = env.run(FIFOBIND, &["stop", "in1", "ghost"]);
     assert_fails(&out, 69, "not running: ghost");
-    assert!(!alive(input), "in1 was stopped all the same");
+    assert!(!alive(input.pid), "in1 was stopped all the same");
     // A bind-input drained while nobody reads its FIFO keeps running.
     let input = env.start(BIND_INPUT, &["in2", &port.to_string()]);
     send(port, b"unread\n");
@@ -594,7 +593,7 @@ fn stop_says_which_did_not_stop_or_were_not_running() {
     }));
     let out = env.run(FIFOBIND, &["stop", "--drain", "--timeout", "0.3", "in2"]);
     assert_fails(&out, 75, "still running after 0.3 s: in2");
-    assert!(alive(input));
+    assert!(alive(input.pid));
     assert_fails(&env.run(FIFOBIND, &["stop"]), 2, "NAME");
     assert_fails(&env.run(FIFOBIND, &["stop", "../x"]), 2, "invalid NAME");
 }
@@ -621,7 +620,7 @@ fn stop_drain_loses_nothing_of_a_slow_remote_or_an_unread_fifo() {
     assert_eq!(got.len(), lines.len(), "lines lost");
     assert!(got == lines);
     stop.assert_ends_ok();
-    assert!(!alive(output), "stop returns once it is gone");
+    assert!(!alive(output.pid), "stop returns once it is gone");
 
     // bind-input: stopped only once its FIFO has been read empty.
     let port = free_port();
@@ -634,10 +633,10 @@ fn stop_drain_loses_nothing_of_a_slow_remote_or_an_unread_fifo() {
     }));
     let mut stop = env.spawn(Command::new(FIFOBIND).args(["stop", "-d", "in1"]));
     std::thread::sleep(Duration::from_millis(300));
-    assert!(alive(input), "stopped with lines unread");
+    assert!(alive(input.pid), "stopped with lines unread");
     assert_eq!(read_lines(&env.fifo("in1"), 2), ["a", "b"]);
     stop.assert_ends_ok();
-    assert!(!alive(input));
+    assert!(!alive(input.pid));
     env.assert_clean();
 }
 
@@ -645,7 +644,7 @@ fn stop_drain_loses_nothing_of_a_slow_remote_or_an_unread_fifo() {
 fn completions_load_in_bash_and_offer_the_live_names() {
     let env = Env::new();
     let port = free_port();
-    env.start(BIND_INPUT, &["in1", &port.to_string()]);
+    let _in1 = env.start(BIND_INPUT, &["in1", &port.to_string()]);
     let out = env.bash(
         r#"source <(fifobind completions bash) || exit 1
         for c in bind-input bind-output pool master fifobind; do complete -p "$c" || exit 1; done

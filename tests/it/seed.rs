@@ -401,7 +401,7 @@ fn readme_and_scripts_show_the_documented_loop_only() {
 fn two_readers_of_one_fifo_tear_lines() {
     let env = Env::new();
     let port = free_port();
-    let pid = env.start(BIND_INPUT, &["shared", &port.to_string()]);
+    let binding = env.start(BIND_INPUT, &["shared", &port.to_string()]);
     let fifo = env.fifo("shared");
     // Each reader ends after a second without data.
     let reader = format!(
@@ -427,8 +427,7 @@ fn two_readers_of_one_fifo_tear_lines() {
         printed(&readers),
         text.len()
     );
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
+    binding.stop(libc::SIGTERM);
     let mut got = Vec::new();
     for mut r in readers {
         assert!(r.wait(PATIENCE).is_some(), "a reader did not end");
@@ -444,8 +443,6 @@ fn two_readers_of_one_fifo_tear_lines() {
         "three readers saw no torn line: {} lines",
         got.len()
     );
-    kill(pid, libc::SIGTERM);
-    assert!(wait_gone(pid, PATIENCE));
 }
 
 /// `fifobind path` checks ID as the bindings do (2, nothing printed), and

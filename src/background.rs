@@ -23,14 +23,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use crate::error::{Error, ExitStatus, Result};
 
 /// The daemon's side of the readiness pipe.
-pub struct Ready {
+pub(crate) struct Ready {
     pipe: Option<File>,
     foreground: bool,
 }
 
 impl Ready {
     /// Tells the foreground the binding is ready, and gives it our PID.
-    pub fn notify(&mut self) {
+    pub(crate) fn notify(&mut self) {
         let pid = std::process::id();
         if self.foreground {
             let mut out = io::stdout().lock();
@@ -43,11 +43,6 @@ impl Ready {
         } else if let Some(mut pipe) = self.pipe.take() {
             let _ = writeln!(pipe, "OK {pid}");
         }
-    }
-
-    /// Whether the foreground is still waiting for a word from us.
-    pub fn pending(&self) -> bool {
-        self.pipe.is_some() || self.foreground
     }
 
     /// Reports a failure that came before readiness to the foreground.
@@ -66,7 +61,7 @@ impl Ready {
 
 /// Closes every descriptor above stderr but `keep`. Called first thing,
 /// before this process opens anything of its own.
-pub fn close_inherited(keep: Option<i32>) {
+pub(crate) fn close_inherited(keep: Option<i32>) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
@@ -100,7 +95,7 @@ fn redirect_to_null(fd: i32) {
 /// Returns in the foreground process only: `Ok` once the daemon is ready
 /// (its PID printed), or the daemon's error. The daemon itself never
 /// returns from here: it exits with `work`'s status.
-pub fn detach<F>(foreground: bool, work: F) -> Result<()>
+pub(crate) fn detach<F>(foreground: bool, work: F) -> Result<()>
 where
     F: FnOnce(&mut Ready) -> Result<()>,
 {
