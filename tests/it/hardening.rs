@@ -878,11 +878,23 @@ fn key_never_crosses_the_wire() {
 /// receiver's acknowledgement of the end.
 fn send_stream(to: SocketAddr, secret: &[u8], lines: &[u8]) {
     use fifobind::secure::{Frame, Purpose, Side, handshake};
-    let mut s = TcpStream::connect(to).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
     let hex = fifobind_hex(secret);
-    let mut ch = handshake(&mut s, Side::Connector, Purpose::Stream, hex.as_bytes())
-        .expect("the stream handshake");
+    // After a wrong secret from this address, the binding holds it back
+    // a while (bind-input(1)): try again until it hears us.
+    let deadline = Instant::now() + PATIENCE;
+    let (mut s, mut ch) = loop {
+        let mut s = TcpStream::connect(to).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        match handshake(&mut s, Side::Connector, Purpose::Stream, hex.as_bytes()) {
+            Ok(ch) => break (s, ch),
+            Err(fifobind::protocol::Failure::Refused(why))
+                if why.starts_with("too many wrong keys") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the stream handshake: {e}"),
+        }
+    };
     ch.send(
         &mut s,
         &Frame::Line(format!("STREAM {} 0", "5e".repeat(16))),
