@@ -109,6 +109,12 @@ impl Penalties {
         self.entries.remove(&prefix(addr));
     }
 
+    /// The last summary, whatever the interval (when the pool stops).
+    pub fn flush(&mut self, now: Instant) -> Option<String> {
+        self.quiet = true;
+        self.summary(now, Duration::MAX)
+    }
+
     /// At most once per `every`: a line counting the wrong keys since the
     /// last one, for the log.
     pub fn summary(&mut self, now: Instant, every: Duration) -> Option<String> {

@@ -74,6 +74,10 @@ struct Pending {
     peer: SocketAddr,
     challenge: Challenge,
     deadline: Instant,
+    /// What it sent while another handshake from its address was testing
+    /// its key: one key test per address at a time, so that parallel
+    /// connections do not multiply an attacker's guesses.
+    waiting: Vec<u8>,
 }
 
 /// An admitted master's control connection.
@@ -122,6 +126,9 @@ pub fn run(opts: PoolOptions) -> Result<()> {
         taken: false,
     };
     let outcome = pool.run();
+    if let Some(line) = pool.penalties.flush(Instant::now()) {
+        log::warn!("{line}");
+    }
     pool.owner.finish(outcome)
 }
 
@@ -223,6 +230,10 @@ impl Pool {
                 .collect();
             // Deadlines of the handshakes, and the summary's interval.
             let mut timeout = Duration::from_secs(1);
+            if self.pending.iter().any(|p| !p.waiting.is_empty()) {
+                // Held for a key test of their address, which may be over.
+                timeout = Duration::from_millis(10);
+            }
             if let Some(first) = self.pending.iter().map(|p| p.deadline).min() {
                 timeout = timeout.min(first.saturating_duration_since(now));
             }
@@ -323,6 +334,7 @@ impl Pool {
                 deadline: now + self.opts.step_timeout,
                 stream,
                 peer,
+                waiting: Vec::new(),
             };
             if flush(&p.stream, &mut p.challenge.out).is_ok() {
                 self.pending.push(p);
@@ -335,7 +347,8 @@ impl Pool {
         let mut i = 0;
         let mut index = 0;
         while i < self.pending.len() {
-            let is_ready = ready.get(index).copied().unwrap_or(false);
+            let is_ready =
+                ready.get(index).copied().unwrap_or(false) || !self.pending[i].waiting.is_empty();
             index += 1;
             if !is_ready {
                 i += 1;
@@ -353,10 +366,15 @@ impl Pool {
 
     /// One step of handshake `i`; `Some` when it is over.
     fn handshake(&mut self, i: usize) -> Option<Progress> {
+        let ip = net::canonical(self.pending[i].peer.ip());
+        let testing = self
+            .pending
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && q.challenge.greeted() && net::canonical(q.peer.ip()) == ip);
         let p = &mut self.pending[i];
-        let ip = net::canonical(p.peer.ip());
         let greeted = p.challenge.greeted();
-        let mut got = Vec::new();
+        let mut got = std::mem::take(&mut p.waiting);
         match read_some(&p.stream, &mut got) {
             Ok(0) => {
                 return Some(Progress::Failed(Failure::Io(
@@ -366,6 +384,10 @@ impl Pool {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Some(Progress::Failed(Failure::Io(e))),
+        }
+        if !greeted && !got.is_empty() && testing {
+            p.waiting = got;
+            return None;
         }
         // Parallel guesses from one address: held back since this one
         // connected, it is not heard either.
