@@ -244,9 +244,9 @@ fn sigterm_to_master_stops_daemons_with_their_children() {
         master.describe()
     );
     kill(master.pid(), libc::SIGTERM);
-    let status = master
-        .wait(Duration::from_secs(5))
-        .expect("master stops within seconds");
+    // Its keyed bindings first send what they hold (a loaded machine is
+    // slow, not wrong: the bound is the harness's patience).
+    let status = master.wait(PATIENCE).expect("master stops");
     assert_eq!(
         status.code(),
         Some(128 + libc::SIGTERM),
