@@ -368,6 +368,14 @@ impl ChildBinding {
         }
     }
 
+    /// Makes it read its stream's secret from descriptor `fd`.
+    pub(crate) fn set_key_fd(&mut self, fd: RawFd) {
+        match self {
+            ChildBinding::Input(b) => b.key.key_fd = Some(fd),
+            ChildBinding::Output(b) => b.key.key_fd = Some(fd),
+        }
+    }
+
     pub(crate) fn to_args(&self) -> Vec<String> {
         match self {
             ChildBinding::Input(b) => b.to_args(),
@@ -526,7 +534,7 @@ fn forget_env_key() {
 
 /// The first line of a key file, read through a bounded buffer; a file
 /// that others may read is used, with a warning.
-pub fn read_key_file(file: &std::path::Path) -> Result<Vec<u8>> {
+pub(crate) fn read_key_file(file: &std::path::Path) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let cant = |e: &std::io::Error| {
@@ -605,6 +613,11 @@ pub struct Pool {
     /// close it (s6's notification-fd)
     #[arg(long, value_name = "FD")]
     pub(crate) ready_fd: Option<RawFd>,
+
+    /// Serve one master's session only: then stop listening, and exit once
+    /// its bindings have ended (without it, serve masters until stopped)
+    #[arg(long)]
+    pub(crate) once: bool,
 }
 
 impl Pool {
@@ -620,6 +633,7 @@ impl Pool {
             ports: self.ports,
             accept_timeout: self.accept_timeout,
             step_timeout: self.key.timeout,
+            once: self.once,
         })
     }
 }
@@ -648,6 +662,26 @@ pub struct Master {
     /// SECS seconds
     #[arg(short = 't', long, value_name = "SECS", value_parser = seconds, default_value = "10")]
     pub(crate) connect_timeout: Duration,
+
+    /// The session name asked of the pool (its daemons' streams are
+    /// NAME.DAEMON): up to 24 of A-Z a-z 0-9 _ - (default: the short host
+    /// name, other characters made '-')
+    #[arg(short = 'n', long, value_name = "NAME", value_parser = crate::protocol::parse_name)]
+    pub(crate) name: Option<Id>,
+}
+
+/// The short host name (up to its first dot), made a session name.
+fn host_name() -> Id {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most the length given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let raw = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).to_string()
+    } else {
+        String::new()
+    };
+    crate::protocol::name_of(raw.split('.').next().unwrap_or(""))
 }
 
 impl Master {
@@ -660,6 +694,7 @@ impl Master {
             host: self.host,
             port: self.port,
             ddir: self.ddir,
+            name: self.name.unwrap_or_else(host_name),
             connect_timeout: self.connect_timeout,
             step_timeout: self.key.timeout,
         })

@@ -1,8 +1,12 @@
 //! master: run a directory of daemons, their output flowing to a pool.
 //!
-//! For each daemon (in name order) the master asks the pool for a port,
-//! starts a `bind-output` to it in a private runtime directory of its own
-//! (so its bindings never clash with a pool's on the same machine), and
+//! It opens a session with the pool (protocol 2: SPAKE2 over the key,
+//! then sealed lines; `HELLO` its `--name`, the pool answers the session's
+//! name). For each daemon (in name order) it asks the pool for a port,
+//! starts a `bind-output` of stream `SESSION.DAEMON` to it, sealed with
+//! that stream's secret (derived from the session, handed over through a
+//! pipe), in a private runtime directory of its own (so its bindings
+//! never clash with a pool's on the same machine), and
 //! starts the daemon in its own process group with stdout into that
 //! binding's FIFO. The binding holds its FIFO open and cannot see the
 //! daemon end, so when the master reaps a daemon it sends the binding
@@ -31,13 +35,15 @@ use crate::process::ProcessId;
 use crate::protocol::{self, Conn};
 use crate::registry::Kind;
 use crate::signals;
-use crate::supervise::{GRACE, Owner, START_LIMIT};
+use crate::supervise::{GRACE, Owner, START_LIMIT, STREAM_KEYS};
 
 pub struct MasterOptions {
     pub(crate) key: Key,
     pub(crate) host: Host,
     pub(crate) port: Port,
     pub(crate) ddir: PathBuf,
+    /// The session name it asks for (`HELLO`).
+    pub(crate) name: Id,
     pub(crate) connect_timeout: Duration,
     pub(crate) step_timeout: Duration,
 }
@@ -220,11 +226,20 @@ fn start_all(
     let mut conn = Conn::new(stream, opts.step_timeout)
         .map_err(|e| Error::io("cannot configure the connection", &e))?;
     owner.stop_on(&mut conn)?;
-    protocol::authenticate(&mut conn, &opts.key).map_err(|f| f.at(&pool))?;
-    log::info!("authenticated with the {pool}");
+    let session =
+        protocol::authenticate(&mut conn, &opts.key, &opts.name).map_err(|f| f.at(&pool))?;
+    log::info!("authenticated with the {pool}: session {session}");
     for (name, path) in list {
+        let stream = protocol::stream_name(&session, name).map_err(|e| {
+            Error::new(
+                ExitStatus::NoInput,
+                format!("{e}: rename it or use a shorter --name"),
+            )
+        })?;
         let port = protocol::request_port(&mut conn, name).map_err(|f| f.at(&pool))?;
-        daemons.push(start_daemon(opts, owner, name, path, ddir, port)?);
+        let secret = conn.stream_secret(&stream);
+        let daemon = start_daemon(opts, owner, (name, &stream), path, ddir, port, &secret[..])?;
+        daemons.push(daemon);
     }
     protocol::end(&mut conn).map_err(|f| f.at(&pool))?;
     crate::notify::ready(&format!("{} daemons running", daemons.len()));
@@ -260,20 +275,23 @@ fn connect(opts: &MasterOptions, owner: &Owner) -> Result<TcpStream> {
     }
 }
 
+/// Starts daemon `name` with its binding of `stream`.
 fn start_daemon(
     opts: &MasterOptions,
     owner: &mut Owner,
-    name: &Id,
+    (name, stream): (&Id, &Id),
     path: &Path,
     ddir: &Path,
     port: Port,
+    secret: &[u8],
 ) -> Result<Daemon> {
-    let mut child = ChildBinding::output(name, &opts.host, port);
+    let mut child = ChildBinding::output(stream, &opts.host, port);
     child.connect_timeout = opts.connect_timeout;
     // It connects before it is ready.
     let limit = opts.connect_timeout + START_LIMIT;
-    let binding = owner.start_binding(ChildBinding::Output(child), name, limit)?;
-    let fifo_path = owner.binding_dir().fifo(name);
+    let secret = STREAM_KEYS.then_some(secret);
+    let binding = owner.start_binding(ChildBinding::Output(child), stream, limit, secret)?;
+    let fifo_path = owner.binding_dir().fifo(stream);
     // The binding holds its FIFO open read-write: this open returns at
     // once.
     let fifo = OpenOptions::new()

@@ -32,37 +32,46 @@ struct Entry {
     last: Instant,
 }
 
-pub struct Penalties {
+pub(crate) struct Penalties {
     entries: HashMap<IpAddr, Entry>,
     cap: usize,
     base: Duration,
     max: Duration,
-    /// Failures since the last summary, and from how many addresses.
+    /// Failures since the last summary.
     unreported: u64,
+    /// Connections turned away unheard since the last summary.
+    refused: u64,
+    /// Nothing was reported in the last interval: the next failure is
+    /// reported at once rather than an interval later.
+    quiet: bool,
+    /// When the last summary was written (or, before the first, a whole
+    /// interval ago: the first failure is reported at once).
     since: Instant,
 }
 
 impl Penalties {
-    pub fn new(base: Duration, max: Duration, cap: usize) -> Penalties {
+    pub(crate) fn new(base: Duration, max: Duration, cap: usize) -> Penalties {
         Penalties {
             entries: HashMap::new(),
             cap: cap.max(1),
             base,
             max,
             unreported: 0,
+            refused: 0,
             since: Instant::now(),
+            quiet: true,
         }
     }
 
     /// How long `addr` must still wait before it is heard, if at all.
-    pub fn wait(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+    pub(crate) fn wait(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
         let e = self.entries.get(&prefix(addr))?;
         (e.until > now).then(|| e.until - now)
     }
 
     /// `addr` gave a wrong key: it waits `base × 2^(failures-1)`, at most
     /// `max`. Returns that delay.
-    pub fn failed(&mut self, addr: IpAddr, now: Instant) -> Duration {
+    pub(crate) fn failed(&mut self, addr: IpAddr, now: Instant) -> Duration {
         let key = prefix(addr);
         if !self.entries.contains_key(&key) && self.entries.len() >= self.cap {
             let oldest = self
@@ -89,25 +98,46 @@ impl Penalties {
         delay
     }
 
+    /// A connection from a held-back address was turned away unheard:
+    /// counted for the summary, not logged on its own.
+    pub(crate) fn refused(&mut self) {
+        self.refused += 1;
+    }
+
     /// `addr` proved it knows the key: its record is cleared.
-    pub fn succeeded(&mut self, addr: IpAddr) {
+    pub(crate) fn succeeded(&mut self, addr: IpAddr) {
         self.entries.remove(&prefix(addr));
+    }
+
+    /// The last summary, whatever the interval (when the pool stops).
+    pub(crate) fn flush(&mut self, now: Instant) -> Option<String> {
+        self.quiet = true;
+        self.summary(now, Duration::MAX)
     }
 
     /// At most once per `every`: a line counting the wrong keys since the
     /// last one, for the log.
-    pub fn summary(&mut self, now: Instant, every: Duration) -> Option<String> {
-        if self.unreported == 0 || now.duration_since(self.since) < every {
+    pub(crate) fn summary(&mut self, now: Instant, every: Duration) -> Option<String> {
+        let due = now.duration_since(self.since) >= every;
+        if due && self.unreported == 0 && self.refused == 0 {
+            // A whole interval without news: the next is told at once.
+            self.quiet = true;
+        }
+        if self.unreported == 0 && self.refused == 0 || !(due || self.quiet) {
             return None;
         }
         let line = format!(
-            "{} wrong key(s) in the last {} s; {} address(es) held back",
+            "{} wrong key(s) and {} connection(s) turned away unheard in the last {} s; \
+             {} address(es) held back",
             self.unreported,
+            self.refused,
             now.duration_since(self.since).as_secs(),
             self.entries.values().filter(|e| e.until > now).count()
         );
         self.unreported = 0;
+        self.refused = 0;
         self.since = now;
+        self.quiet = false;
         Some(line)
     }
 }
@@ -169,9 +199,23 @@ mod tests {
             p.failed(ip("192.0.2.1"), t);
         }
         let every = Duration::from_secs(10);
+        // The first news after a quiet time is told at once...
+        let line = p.summary(t, every).unwrap();
+        assert!(line.starts_with("500 wrong key(s)"), "{line}");
+        // ...what follows once per interval, summed up.
+        for _ in 0..300 {
+            p.failed(ip("192.0.2.1"), t);
+            p.refused();
+        }
         assert_eq!(p.summary(t + Duration::from_secs(1), every), None);
         let line = p.summary(t + Duration::from_secs(10), every).unwrap();
-        assert!(line.starts_with("500 wrong key(s)"), "{line}");
+        assert!(
+            line.starts_with("300 wrong key(s) and 300 connection(s) turned away"),
+            "{line}"
+        );
         assert_eq!(p.summary(t + Duration::from_secs(30), every), None);
+        // A quiet interval passed: the next news is told at once again.
+        p.failed(ip("192.0.2.1"), t + Duration::from_secs(31));
+        assert!(p.summary(t + Duration::from_secs(31), every).is_some());
     }
 }

@@ -1,46 +1,62 @@
-//! pool: the receiving end of a master.
+//! pool: the receiving end of masters.
 //!
-//! The main thread polls the listener, the signals, the master's session
-//! and a wake-up from the door. The door gives each connection a thread
-//! for its handshake (one call of [`protocol::challenge`]), so a silent or
-//! garbage connection never holds up a good master; at most
-//! [`MAX_PENDING`] handshakes wait at once, and a newcomer beyond that
-//! pushes the oldest out, so a crowd of idle connections cannot lock a
-//! master out either. The first master to authenticate is handed to the
-//! main thread (others are told the pool is busy), which serves its
-//! requests: for each daemon it announces, a `bind-input --once` is
-//! started on a free port, restricted to the master's address, and
-//! recorded in the registry. After END the pool stops listening and exits
-//! once its bindings have ended.
+//! One poll loop does everything: the listener, the handshakes at the
+//! door, the sessions of the masters it admitted, signals and children.
+//! The door runs each handshake as a [`Challenge`] fed bytes as they
+//! come, so none can hold up another. It is bounded per address
+//! ([`MAX_PENDING_PER_ADDR`]: a newcomer beyond that is turned away) and
+//! in total ([`MAX_PENDING`]: the oldest makes room), and each handshake
+//! has the step timeout to finish; so a flood of idle connections from
+//! one address cannot keep a master at another out. A wrong key holds
+//! its address back ([`Penalties`]: exponential delay): while it waits,
+//! its connections get a clear `ERR` instead of a greeting, no SPAKE2
+//! work, and the log gets one summary line per interval.
+//!
+//! Each admitted master is a session, named `HELLO`'s name (or `-2`,
+//! `-3`... while a live session has it). For each daemon it announces,
+//! a `bind-input --once` is started on a free port, restricted to the
+//! master's address, taking only the stream `SESSION.DAEMON` sealed with
+//! that stream's secret (handed over through a pipe), and recorded in
+//! the registry. The pool serves sessions one after another and at once
+//! until stopped; with `--once`, it stops listening once its first
+//! session has ended and exits once that session's bindings have.
 
-use std::collections::{HashSet, VecDeque};
-use std::io::{self, Write};
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
 use crate::claim;
 use crate::cli::ChildBinding;
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
-use crate::poll::{IN, PollSet};
-use crate::protocol::{self, Conn, Failure, Message};
+use crate::penalty::Penalties;
+use crate::poll::{IN, OUT, PollSet};
+use crate::protocol::{self, Challenge, Failure, Message, Progress};
 use crate::runtime_dir::RuntimeDir;
-use crate::supervise::{Owner, START_LIMIT};
+use crate::secure::{Channel, Frame};
+use crate::supervise::{Owner, START_LIMIT, STREAM_KEYS};
 
 /// Handshakes in progress at once; a newcomer beyond them pushes the
 /// oldest out.
-const MAX_PENDING: usize = 16;
-/// The answer to a handshake pushed out (or one that cannot be served).
-const BUSY: &[u8] = b"ERR busy: too many connections\n";
+pub(crate) const MAX_PENDING: usize = 256;
+/// Handshakes in progress at once from one address; a newcomer beyond
+/// them is turned away.
+pub(crate) const MAX_PENDING_PER_ADDR: usize = 8;
+/// The first wrong key holds an address back this long; each further one
+/// doubles it, up to [`PENALTY_MAX`].
+pub(crate) const PENALTY_BASE: Duration = Duration::from_secs(1);
+pub(crate) const PENALTY_MAX: Duration = Duration::from_secs(60);
+/// Addresses remembered for their wrong keys.
+const PENALTY_TABLE: usize = 4096;
+/// At most one summary line of wrong keys per interval.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// The answer to a handshake turned away or pushed out.
+const BUSY: &str = "busy: too many connections";
 /// Tries at finding a free port before answering ERR.
 const PORT_TRIES: usize = 64;
-
 pub struct PoolOptions {
     pub(crate) key: Key,
     pub(crate) port: Port,
@@ -48,163 +64,111 @@ pub struct PoolOptions {
     pub(crate) ports: (u16, u16),
     pub(crate) accept_timeout: Duration,
     pub(crate) step_timeout: Duration,
+    /// Serve one session, then exit once its bindings have ended.
+    pub(crate) once: bool,
 }
 
-/// What the handshake threads share with the main thread.
-struct Door {
-    key: Key,
-    step: Duration,
-    pending: Mutex<Pending>,
-    /// A master has been admitted: the others are told the pool is busy.
-    taken: AtomicBool,
-    admitted: Sender<(Conn, IpAddr)>,
-    /// One byte here wakes the main thread for what `admitted` carries.
-    wake: UnixStream,
-}
-
-/// The handshakes in progress: connections that have not sent their first
-/// line yet, oldest first, each with a handle to push it out.
-#[derive(Default)]
+/// A connection at the door: its handshake under way.
 struct Pending {
-    next: u64,
-    conns: VecDeque<(u64, TcpStream)>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    challenge: Challenge,
+    deadline: Instant,
+    /// What it sent while another handshake from its address was testing
+    /// its key: one key test per address at a time, so that parallel
+    /// connections do not multiply an attacker's guesses.
+    waiting: Vec<u8>,
 }
 
-impl Door {
-    /// Takes connection `token` off the pending handshakes; false if it was
-    /// no longer there: pushed out to make room.
-    fn leave(&self, token: u64) -> bool {
-        let mut pending = self.pending.lock().unwrap();
-        match pending.conns.iter().position(|(t, _)| *t == token) {
-            Some(i) => {
-                pending.conns.remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Makes room for connection `stream` and records it; its token.
-    fn enter(&self, stream: &TcpStream) -> io::Result<u64> {
-        let mut pending = self.pending.lock().unwrap();
-        // Refusing newcomers while the table is full would let 16 idle
-        // connections lock every master out for the step timeout, again
-        // and again. Instead the oldest handshake, the likeliest to be
-        // idle (a master answers its challenge within a round trip), makes
-        // room: it is told it is busy and closed, and its thread, waiting
-        // for its line, sees the end at once.
-        if pending.conns.len() >= MAX_PENDING
-            && let Some((_, oldest)) = pending.conns.pop_front()
-        {
-            let who = oldest
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "?".into());
-            log::warn!("too many connections at once: dropped the oldest handshake, from {who}");
-            let flags =
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-            let _ = nix::sys::socket::send(oldest.as_raw_fd(), BUSY, flags);
-            let _ = oldest.shutdown(Shutdown::Both);
-        }
-        let handle = stream.try_clone()?;
-        let token = pending.next;
-        pending.next += 1;
-        pending.conns.push_back((token, handle));
-        Ok(token)
-    }
-
-    /// One connection's handshake, on a thread of its own; an admitted
-    /// master goes to the main thread.
-    fn handshake(&self, stream: TcpStream, peer: SocketAddr, token: u64) {
-        let peer = net::unmapped(peer);
-        let mut admitted = false;
-        let result = Conn::new(stream, self.step)
-            .map_err(Failure::Io)
-            .and_then(|mut conn| {
-                protocol::challenge(&mut conn, &self.key, || {
-                    // With its first line in, it is no handshake to push
-                    // out any more.
-                    if !self.leave(token) {
-                        return Err("dropped to make room: too many connections at once".into());
-                    }
-                    if self.taken.swap(true, Ordering::SeqCst) {
-                        return Err("busy: another master is being served".into());
-                    }
-                    admitted = true;
-                    Ok(())
-                })
-                .map(|()| conn)
-            });
-        self.leave(token);
-        match result {
-            Ok(conn) => {
-                let ip = net::canonical(peer.ip());
-                log::info!("master {ip} authenticated");
-                let _ = self.admitted.send((conn, ip));
-                let _ = (&self.wake).write_all(b"!");
-            }
-            Err(e) => {
-                if admitted {
-                    // Nothing was started for it: the pool is free for the
-                    // next one.
-                    self.taken.store(false, Ordering::SeqCst);
-                    log::warn!("connection from {peer}: master went away before the session: {e}");
-                } else {
-                    log::warn!("connection from {peer}: {e}");
-                }
-            }
-        }
-    }
+/// An admitted master's control connection.
+struct Link {
+    stream: TcpStream,
+    channel: Channel,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
 }
 
-/// The master being served.
+/// One master's session: its control connection while it lasts, and the
+/// bindings started for it while they run.
 struct Session {
-    conn: Conn,
+    name: Id,
     master: IpAddr,
+    link: Option<Link>,
     seen: HashSet<Id>,
+    bindings: HashSet<i32>,
 }
 
 struct Pool {
     opts: PoolOptions,
     owner: Owner,
-    door: Arc<Door>,
-    admitted: Receiver<(Conn, IpAddr)>,
-    wake: UnixStream,
-    /// `None` once the session has ended: the port is free again at once.
+    /// `None` once a `--once` pool's session has ended.
     listener: Option<TcpListener>,
-    session: Option<Session>,
+    pending: Vec<Pending>,
+    sessions: Vec<Session>,
+    penalties: Penalties,
+    /// A `--once` pool has admitted its session.
+    taken: bool,
 }
 
 pub fn run(opts: PoolOptions) -> Result<()> {
     let owner = Owner::new("pool", false)?;
     let listener = crate::activation::listen(opts.bind, opts.port)?;
-    let (wake, wake_tx) =
-        UnixStream::pair().map_err(|e| Error::io("cannot create a socket pair", &e))?;
-    wake.set_nonblocking(true)
-        .map_err(|e| Error::io("cannot configure a socket pair", &e))?;
-    let (tx, admitted) = channel();
     log::info!("waiting for a master on port {}", opts.port);
     crate::status::start_owner(&owner.dir, &owner.name, "pool", opts.port.0, None);
     crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
-    let door = Arc::new(Door {
-        key: opts.key.clone(),
-        step: opts.step_timeout,
-        pending: Mutex::new(Pending::default()),
-        taken: AtomicBool::new(false),
-        admitted: tx,
-        wake: wake_tx,
-    });
     let mut pool = Pool {
         opts,
         owner,
-        door,
-        admitted,
-        wake,
         listener: Some(listener),
-        session: None,
+        pending: Vec::new(),
+        sessions: Vec::new(),
+        penalties: Penalties::new(PENALTY_BASE, PENALTY_MAX, PENALTY_TABLE),
+        taken: false,
     };
     let outcome = pool.run();
+    if let Some(line) = pool.penalties.flush(Instant::now()) {
+        log::warn!("{line}");
+    }
     pool.owner.finish(outcome)
+}
+
+/// Writes what `out` holds as far as the socket takes it now.
+fn flush(stream: &TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    while !out.is_empty() {
+        match (&*stream).write(out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what has arrived; `Ok(0)` is end-of-file, `WouldBlock` nothing.
+fn read_some(stream: &TcpStream, into: &mut Vec<u8>) -> io::Result<usize> {
+    let mut chunk = [0u8; 8192];
+    loop {
+        match (&*stream).read(&mut chunk) {
+            Ok(n) => {
+                into.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a last line in clear text, as far as the socket takes it at
+/// once, and closes.
+fn turn_away(stream: &TcpStream, line: &str) {
+    let mut out = format!("ERR {line}\n").into_bytes();
+    let _ = flush(stream, &mut out);
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 impl Pool {
@@ -212,20 +176,68 @@ impl Pool {
         let mut set = PollSet::default();
         loop {
             for (entry, status) in self.owner.reap() {
-                log::info!("binding {} ended: {status}", entry.process.pid);
+                log::info!(
+                    "binding {} ({}) ended: {status}",
+                    entry.name,
+                    entry.process.pid
+                );
+                for s in &mut self.sessions {
+                    s.bindings.remove(&entry.process.pid);
+                }
             }
+            self.sessions.retain(|s| {
+                let live = s.link.is_some() || !s.bindings.is_empty();
+                if !live {
+                    log::info!("session {} ({}) is over", s.name, s.master);
+                }
+                live
+            });
             if self.listener.is_none() && self.owner.registry().entries().is_empty() {
                 log::info!("all bindings have ended");
                 return Ok(());
             }
-            let buffered = self.session.as_ref().is_some_and(|s| s.conn.has_buffered());
+            let now = Instant::now();
+            if let Some(line) = self.penalties.summary(now, SUMMARY_EVERY) {
+                log::warn!("{line}");
+            }
+            self.expire(now);
+
             set.clear();
             let sig = set.add(self.owner.signals.as_fd(), IN);
             set.add(self.owner.children.as_fd(), IN);
-            let wake = set.add(self.wake.as_fd(), IN);
             let listen = self.listener.as_ref().map(|l| set.add(l.as_fd(), IN));
-            let session = self.session.as_ref().map(|s| set.add(s.conn.as_fd(), IN));
-            set.wait(buffered.then_some(Duration::ZERO))
+            let pending: Vec<usize> = self
+                .pending
+                .iter()
+                .map(|p| {
+                    let ev = if p.challenge.out.is_empty() {
+                        IN
+                    } else {
+                        IN | OUT
+                    };
+                    set.add(p.stream.as_fd(), ev)
+                })
+                .collect();
+            let links: Vec<Option<usize>> = self
+                .sessions
+                .iter()
+                .map(|s| {
+                    s.link.as_ref().map(|l| {
+                        let ev = if l.out.is_empty() { IN } else { IN | OUT };
+                        set.add(l.stream.as_fd(), ev)
+                    })
+                })
+                .collect();
+            // Deadlines of the handshakes, and the summary's interval.
+            let mut timeout = Duration::from_secs(1);
+            if self.pending.iter().any(|p| !p.waiting.is_empty()) {
+                // Held for a key test of their address, which may be over.
+                timeout = Duration::from_millis(10);
+            }
+            if let Some(first) = self.pending.iter().map(|p| p.deadline).min() {
+                timeout = timeout.min(first.saturating_duration_since(now));
+            }
+            set.wait(Some(timeout))
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
             self.owner.children.drain();
             if set.revents(sig) != 0
@@ -233,94 +245,384 @@ impl Pool {
             {
                 return Err(Error::new(ExitStatus::Signal(sig as i32), ""));
             }
-            if set.revents(wake) != 0 {
-                let mut buf = [0u8; 64];
-                while matches!(io::Read::read(&mut &self.wake, &mut buf), Ok(n) if n > 0) {}
-                while let Ok((mut conn, master)) = self.admitted.try_recv() {
-                    self.owner.stop_on(&mut conn)?;
-                    crate::status::peer_added(master);
-                    self.session = Some(Session {
-                        conn,
-                        master,
-                        seen: HashSet::new(),
-                    });
-                }
+            // Sessions first: they were admitted before anything new.
+            let ready: Vec<usize> = links
+                .iter()
+                .enumerate()
+                .filter(|(_, slot)| slot.is_some_and(|s| set.revents(s) != 0))
+                .map(|(i, _)| i)
+                .collect();
+            for i in ready {
+                self.serve(i)?;
             }
-            if let (Some(slot), Some(l)) = (listen, &self.listener)
+            let ready: Vec<bool> = pending.iter().map(|&s| set.revents(s) != 0).collect();
+            self.door(&ready);
+            if let Some(slot) = listen
                 && set.revents(slot) != 0
             {
-                accept(&self.door, l);
-            }
-            if buffered || session.is_some_and(|slot| set.revents(slot) != 0) {
-                self.serve()?;
+                self.accept();
             }
         }
     }
 
-    /// Answers the master's next request; an error is a stop signal.
-    fn serve(&mut self) -> Result<()> {
-        let Some(mut s) = self.session.take() else {
+    /// Closes the handshakes that ran out of time.
+    fn expire(&mut self, now: Instant) {
+        self.pending.retain(|p| {
+            if p.deadline > now {
+                return true;
+            }
+            log::debug!("connection from {}: handshake timed out", p.peer);
+            let _ = p.stream.shutdown(Shutdown::Both);
+            false
+        });
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            let (stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("cannot accept: {}", crate::error::describe_io(&e));
+                    return;
+                }
+            };
+            // A dual-stack listener's IPv4 peers, logged as IPv4.
+            let peer = net::unmapped(peer);
+            let ip = net::canonical(peer.ip());
+            let now = Instant::now();
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if let Some(wait) = self.penalties.wait(ip, now) {
+                self.penalties.refused();
+                turn_away(
+                    &stream,
+                    &format!(
+                        "too many wrong keys from {ip}; retry in {} s",
+                        wait.as_secs_f64().ceil()
+                    ),
+                );
+                continue;
+            }
+            let from_ip = self
+                .pending
+                .iter()
+                .filter(|p| net::canonical(p.peer.ip()) == ip)
+                .count();
+            if from_ip >= MAX_PENDING_PER_ADDR {
+                // Not logged: a flood would flood the log too.
+                turn_away(&stream, BUSY);
+                continue;
+            }
+            if self.pending.len() >= MAX_PENDING {
+                // The oldest, the likeliest to be idle (a master answers
+                // within a round trip), makes room.
+                let oldest = self.pending.remove(0);
+                log::debug!(
+                    "too many handshakes at once: dropped the oldest, from {}",
+                    oldest.peer
+                );
+                turn_away(&oldest.stream, BUSY);
+            }
+            let _ = stream.set_nodelay(true);
+            let mut p = Pending {
+                challenge: Challenge::new(&self.opts.key),
+                deadline: now + self.opts.step_timeout,
+                stream,
+                peer,
+                waiting: Vec::new(),
+            };
+            if flush(&p.stream, &mut p.challenge.out).is_ok() {
+                self.pending.push(p);
+            }
+        }
+    }
+
+    /// Moves on the handshakes whose connections are ready.
+    fn door(&mut self, ready: &[bool]) {
+        let mut i = 0;
+        let mut index = 0;
+        while i < self.pending.len() {
+            let is_ready =
+                ready.get(index).copied().unwrap_or(false) || !self.pending[i].waiting.is_empty();
+            index += 1;
+            if !is_ready {
+                i += 1;
+                continue;
+            }
+            match self.handshake(i) {
+                None => i += 1,
+                Some(outcome) => {
+                    let p = self.pending.remove(i);
+                    self.settle(p, outcome);
+                }
+            }
+        }
+    }
+
+    /// One step of handshake `i`; `Some` when it is over.
+    fn handshake(&mut self, i: usize) -> Option<Progress> {
+        let ip = net::canonical(self.pending[i].peer.ip());
+        let testing = self
+            .pending
+            .iter()
+            .enumerate()
+            .any(|(j, q)| j != i && q.challenge.greeted() && net::canonical(q.peer.ip()) == ip);
+        let p = &mut self.pending[i];
+        let greeted = p.challenge.greeted();
+        let mut got = std::mem::take(&mut p.waiting);
+        match read_some(&p.stream, &mut got) {
+            Ok(0) => {
+                return Some(Progress::Failed(Failure::Io(
+                    io::ErrorKind::UnexpectedEof.into(),
+                )));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Some(Progress::Failed(Failure::Io(e))),
+        }
+        if !greeted && !got.is_empty() && testing {
+            p.waiting = got;
+            return None;
+        }
+        // Parallel guesses from one address: held back since this one
+        // connected, it is not heard either.
+        if !greeted
+            && !got.is_empty()
+            && let Some(wait) = self.penalties.wait(ip, Instant::now())
+        {
+            self.penalties.refused();
+            turn_away(
+                &p.stream,
+                &format!(
+                    "too many wrong keys from {ip}; retry in {} s",
+                    wait.as_secs_f64().ceil()
+                ),
+            );
+            return Some(Progress::Failed(Failure::Refused("held back".into())));
+        }
+        let progress = if got.is_empty() {
+            Progress::More
+        } else {
+            p.challenge.feed(&got)
+        };
+        if let Err(e) = flush(&p.stream, &mut p.challenge.out) {
+            return Some(Progress::Failed(Failure::Io(e)));
+        }
+        match progress {
+            Progress::More => None,
+            done => Some(done),
+        }
+    }
+
+    /// A handshake is over: the master is admitted, or turned away.
+    fn settle(&mut self, mut p: Pending, outcome: Progress) {
+        let ip = net::canonical(p.peer.ip());
+        match outcome {
+            Progress::More => unreachable!("settled while under way"),
+            Progress::Failed(Failure::Denied(_)) => {
+                self.penalties.failed(ip, Instant::now());
+                let _ = p.stream.shutdown(Shutdown::Both);
+            }
+            Progress::Failed(Failure::Refused(_)) => {}
+            Progress::Failed(e) => {
+                match &e {
+                    Failure::Version(_) => log::info!("connection from {}: {e}", p.peer),
+                    _ => log::debug!("connection from {}: {e}", p.peer),
+                }
+                let _ = flush(&p.stream, &mut p.challenge.out);
+                let _ = p.stream.shutdown(Shutdown::Both);
+            }
+            Progress::Admitted {
+                channel,
+                name,
+                rest,
+            } => {
+                self.penalties.succeeded(ip);
+                let mut link = Link {
+                    stream: p.stream,
+                    channel,
+                    inbuf: rest,
+                    out: std::mem::take(&mut p.challenge.out),
+                };
+                if self.opts.once && self.taken {
+                    log::info!("master {ip} ({name}): busy with the one session of --once");
+                    link.say(&Message::Err {
+                        reason: "busy: this pool serves one session (--once)".into(),
+                    });
+                    link.close();
+                    return;
+                }
+                self.taken = true;
+                let name = self.free_name(&name);
+                link.say(&Message::Session { name: name.clone() });
+                log::info!("master {ip} authenticated: session {name}");
+                crate::status::peer_added(ip);
+                self.sessions.push(Session {
+                    name,
+                    master: ip,
+                    link: Some(link),
+                    seen: HashSet::new(),
+                    bindings: HashSet::new(),
+                });
+                // What it sent after HELLO is served now.
+                let i = self.sessions.len() - 1;
+                if let Err(e) = self.serve(i) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// `name`, or `name-2`, `name-3`... while a live session has it.
+    fn free_name(&self, name: &Id) -> Id {
+        let taken = |n: &Id| self.sessions.iter().any(|s| s.name == *n);
+        if !taken(name) {
+            return name.clone();
+        }
+        (2..)
+            .map(|i| format!("{name}-{i}").parse::<Id>().expect("a valid ID"))
+            .find(|n| !taken(n))
+            .expect("some suffix is free")
+    }
+
+    /// Reads and answers what session `i`'s master sent; an error is a
+    /// stop signal.
+    fn serve(&mut self, i: usize) -> Result<()> {
+        let Some(mut link) = self.sessions[i].link.take() else {
             return Ok(());
         };
-        let master = s.master;
-        let end = match s.conn.recv() {
-            Ok(Message::Daemon { name }) => {
-                if !s.seen.insert(name.clone()) {
-                    s.conn.refuse(&format!("daemon {name} announced twice"));
-                    None
-                } else {
-                    match self.start(&name, master) {
-                        Ok(port) => s
-                            .conn
-                            .send(&Message::Port { port })
-                            .err()
-                            .map(|e| format!("master went away: {e}")),
-                        Err(e) if matches!(e.status, ExitStatus::Signal(_)) => return Err(e),
-                        Err(e) => {
-                            log::warn!("daemon {name}: {e}");
-                            s.conn.refuse(&e.message);
-                            None
-                        }
-                    }
-                }
-            }
-            Ok(Message::End) => {
-                let _ = s.conn.send(&Message::Bye);
-                log::info!("master {master} sent END");
-                Some(String::new())
-            }
-            Ok(other) => {
-                s.conn.refuse(&format!("unexpected {other}"));
-                Some(format!("master sent {other}: counting it as END"))
-            }
-            Err(Failure::Stopped(sig)) => {
-                return Err(Error::new(ExitStatus::Signal(sig as i32), ""));
-            }
-            Err(e @ Failure::Io(_)) => {
-                Some(format!("master left without END ({e}): counting it as END"))
-            }
-            Err(e) => {
-                s.conn.refuse(&e.to_string());
-                Some(format!("{e}: counting it as END"))
-            }
+        let master = self.sessions[i].master;
+        let name = self.sessions[i].name.clone();
+        let mut end = match read_some(&link.stream, &mut link.inbuf) {
+            Ok(0) => Some(format!(
+                "master {master} (session {name}) left without END: counting it as END"
+            )),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(format!(
+                "master {master} (session {name}): {}: counting it as END",
+                crate::error::describe_io(&e)
+            )),
         };
-        match end {
-            None => self.session = Some(s),
-            Some(why) => {
-                crate::status::peer_gone(master);
-                if !why.is_empty() {
-                    log::warn!("connection from {master}: {why}");
+        while end.is_none() {
+            let frame = match link.channel.opener.open(&link.inbuf) {
+                Ok(None) => break,
+                Ok(Some((frame, used))) => {
+                    link.inbuf.drain(..used);
+                    frame
                 }
-                // Stop listening: the port is free again at once.
-                self.listener = None;
-                log::info!("master done: waiting for the bindings to end");
+                Err(e) => {
+                    // Nothing more from this connection is believed.
+                    end = Some(format!(
+                        "master {master} (session {name}): {e}: session closed"
+                    ));
+                    break;
+                }
+            };
+            let msg = match frame {
+                Frame::Line(line) => Message::parse(&line),
+                other => Err(format!("unexpected {other}")),
+            };
+            match msg {
+                Ok(Message::Daemon { name: daemon }) => {
+                    let answer = self.daemon(i, &daemon, master, &link.channel)?;
+                    link.say(&answer);
+                }
+                Ok(Message::End) => {
+                    link.say(&Message::Bye);
+                    log::info!("master {master} (session {name}) sent END");
+                    end = Some(String::new());
+                }
+                Ok(other) => {
+                    link.say(&Message::Err {
+                        reason: format!("unexpected {other}"),
+                    });
+                    end = Some(format!(
+                        "master {master} (session {name}) sent {other}: counting it as END"
+                    ));
+                }
+                Err(e) => {
+                    link.say(&Message::Err { reason: e.clone() });
+                    end = Some(format!(
+                        "master {master} (session {name}): {e}: counting it as END"
+                    ));
+                }
+            }
+        }
+        if end.is_none()
+            && let Err(e) = flush(&link.stream, &mut link.out)
+        {
+            end = Some(format!(
+                "master {master} (session {name}): {}: counting it as END",
+                crate::error::describe_io(&e)
+            ));
+        }
+        match end {
+            None => self.sessions[i].link = Some(link),
+            Some(why) => {
+                if !why.is_empty() {
+                    log::warn!("{why}");
+                }
+                link.close();
+                crate::status::peer_gone(master);
+                log::info!(
+                    "session {name}: {} binding(s) still running",
+                    self.sessions[i].bindings.len()
+                );
+                if self.opts.once {
+                    // Stop listening: the port is free again at once.
+                    self.listener = None;
+                    for p in self.pending.drain(..) {
+                        let _ = p.stream.shutdown(Shutdown::Both);
+                    }
+                    log::info!("the session of --once is done: waiting for its bindings to end");
+                }
             }
         }
         Ok(())
     }
 
-    /// Starts the bind-input of daemon `name` on a free port; returns it.
-    fn start(&mut self, name: &Id, master: IpAddr) -> Result<Port> {
+    /// The answer to `DAEMON daemon` from session `i`: its port, or why
+    /// not. An error is a stop signal.
+    fn daemon(
+        &mut self,
+        i: usize,
+        daemon: &Id,
+        master: IpAddr,
+        channel: &Channel,
+    ) -> Result<Message> {
+        let session = &mut self.sessions[i];
+        if !session.seen.insert(daemon.clone()) {
+            return Ok(Message::Err {
+                reason: format!("daemon {daemon} announced twice"),
+            });
+        }
+        let stream = match protocol::stream_name(&session.name, daemon) {
+            Ok(id) => id,
+            Err(reason) => return Ok(Message::Err { reason }),
+        };
+        let secret = channel.stream_secret(stream.as_str());
+        match self.start(&stream, master, &secret[..]) {
+            Ok((port, pid)) => {
+                self.sessions[i].bindings.insert(pid);
+                Ok(Message::Port { port })
+            }
+            Err(e) if matches!(e.status, ExitStatus::Signal(_)) => Err(e),
+            Err(e) => {
+                log::warn!("stream {stream}: {e}");
+                Ok(Message::Err { reason: e.message })
+            }
+        }
+    }
+
+    /// Starts the bind-input of `stream` on a free port; returns the port
+    /// and the binding's PID.
+    fn start(&mut self, stream: &Id, master: IpAddr, secret: &[u8]) -> Result<(Port, i32)> {
         let (low, high) = self.opts.ports;
         for _ in 0..PORT_TRIES {
             let span = u64::from(high - low) + 1;
@@ -329,26 +631,27 @@ impl Pool {
             if net::listen(self.opts.bind, port).is_err() {
                 continue;
             }
-            let mut child = ChildBinding::input(name, port);
+            let mut child = ChildBinding::input(stream, port);
             child.once = true;
             child.allow = vec![net::Allow::from(master)];
             child.accept_timeout = Some(self.opts.accept_timeout);
             child.bind = self.opts.bind;
+            let secret = STREAM_KEYS.then_some(secret);
             match self
                 .owner
-                .start_binding(ChildBinding::Input(child), name, START_LIMIT)
+                .start_binding(ChildBinding::Input(child), stream, START_LIMIT, secret)
             {
-                Ok(_) => {
-                    let fifo = self.owner.dir.fifo(name);
+                Ok(process) => {
+                    let fifo = self.owner.dir.fifo(stream);
                     let mut out = io::stdout().lock();
                     // A reader that went away must not stop the pool.
-                    let _ = writeln!(out, "{name} {port} {}", fifo.display());
+                    let _ = writeln!(out, "{stream} {port} {}", fifo.display());
                     let _ = out.flush();
-                    return Ok(port);
+                    return Ok((port, process.pid));
                 }
                 Err(e) if e.status == ExitStatus::Unavailable => continue,
                 Err(e) if matches!(e.status, ExitStatus::Signal(_)) => return Err(e),
-                Err(e) => return Err(refusal(&self.owner.dir, name, e)),
+                Err(e) => return Err(refusal(&self.owner.dir, stream, e)),
             }
         }
         Err(Error::new(
@@ -358,40 +661,36 @@ impl Pool {
     }
 }
 
-/// Why the binding of daemon `name` could not start, as the master is
+impl Link {
+    /// Seals `msg` for sending.
+    fn say(&mut self, msg: &Message) {
+        self.channel
+            .sealer
+            .seal(&Frame::Line(msg.to_string()), &mut self.out);
+    }
+
+    /// Sends what is left (briefly blocking: a few small lines) and
+    /// closes.
+    fn close(mut self) {
+        let _ = self.stream.set_nonblocking(false);
+        let _ = self.stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = (&self.stream).write_all(&self.out);
+        self.out.clear();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Why the binding of stream `name` could not start, as the master is
 /// told. "In use" only when a live binding holds the ID: a full disk, say,
 /// makes bind-input exit with the same status.
 fn refusal(dir: &RuntimeDir, name: &Id, err: Error) -> Error {
     let holder = claim::owner(&dir.dotfile(name.as_str(), "lock"));
     let message = if holder.is_some_and(|p| p.is_alive()) {
-        format!("cannot bind daemon {name}: its ID is in use here")
+        format!("cannot bind {name}: its ID is in use here")
     } else {
-        format!("cannot bind daemon {name}: {err} (see the log)")
+        format!("cannot bind {name}: {err} (see the log)")
     };
     Error::new(err.status, message)
-}
-
-fn accept(door: &Arc<Door>, listener: &TcpListener) {
-    loop {
-        let (stream, peer) = match listener.accept().map(|(s, p)| (s, net::unmapped(p))) {
-            Ok(pair) => pair,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                log::warn!("cannot accept: {}", crate::error::describe_io(&e));
-                return;
-            }
-        };
-        let token = match door.enter(&stream) {
-            Ok(token) => token,
-            Err(e) => {
-                log::warn!("refused {peer}: {}", crate::error::describe_io(&e));
-                let _ = (&stream).write_all(BUSY);
-                continue;
-            }
-        };
-        let door = Arc::clone(door);
-        std::thread::spawn(move || door.handshake(stream, peer, token));
-    }
 }
 
 #[cfg(test)]

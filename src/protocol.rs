@@ -1,91 +1,72 @@
-//! The pool protocol: line-based text over TCP, spoken between a master
-//! and a pool, simple enough to speak by hand with `nc` (see pool(1)).
+//! The control protocol, version 2: what a master and a pool say to each
+//! other, sealed by [`crate::secure`] (see pool(1), PROTOCOL).
 //!
 //! ```text
-//! pool:   FIFOBIND 1 CHALLENGE <nonce>
-//! master: FIFOBIND 1 AUTH <cnonce> <mac>
-//! pool:   OK <proof>                     | ERR <reason>, then close
-//! master: DAEMON <name>
-//! pool:   PORT <port>                    | ERR <reason>
+//! pool:    FIFOBIND 2 CONTROL <66 hex: SPAKE2 message>   | ERR <reason>, close
+//! master:  FIFOBIND 2 CONTROL <66 hex>
+//! both:    Confirm frame (a wrong key fails here, on both sides)
+//! master:  Line "HELLO <name>"
+//! pool:    Line "SESSION <name>"       | Line "ERR <reason>", close
+//! master:  Line "DAEMON <daemon>"
+//! pool:    Line "PORT <port>"          | Line "ERR <reason>"
 //! ...
-//! master: END
-//! pool:   BYE
+//! master:  Line "END"
+//! pool:    Line "BYE"
 //! ```
 //!
-//! Nonces are 32 fresh random bytes in lower-case hex. `mac` is
-//! HMAC-SHA256 under the shared key of `fifobind-1 master NONCE CNONCE`,
-//! `proof` the same of `fifobind-1 pool NONCE CNONCE`: each side proves it
-//! knows the key without sending it, and a captured exchange is worth
-//! nothing against the next nonce. Every line is at most [`MAX_LINE`]
-//! bytes, ends in `\n` (a `\r` before it is tolerated), holds printable
-//! ASCII only, and every step has a timeout; anything else is answered
-//! with an `ERR` line and a closed connection.
+//! Only the two greetings (and an `ERR` in place of the pool's) travel in
+//! clear text; every line after them is a sealed frame. Each line is at
+//! most [`MAX_LINE`] bytes of printable ASCII, and every step has a
+//! timeout; anything else ends the connection with an error.
 //!
-//! The handshake is one function per side, [`authenticate`] (master) and
-//! [`challenge`] (pool), so that another version can replace it whole.
-//! Every wait for the peer also ends on a stop signal ([`Conn::stop_on`]),
+//! The handshake is one function per side: [`authenticate`] for the
+//! master (blocking, over a [`Conn`]) and [`Challenge`] for the pool (a
+//! state machine fed bytes, so that the pool's single poll loop runs any
+//! number of handshakes at once and none can hold up another). Every
+//! wait of the master's also ends on a stop signal ([`Conn::stop_on`]),
 //! and a failure becomes the command's error, with its exit status,
 //! through one `From<Failure> for Error`.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use hmac::{KeyInit, Mac};
 use nix::sys::signal::Signal;
+use zeroize::Zeroizing;
 
 use crate::args::{Id, Key, Port};
 use crate::error::{Error, ExitStatus};
 use crate::poll::{IN, PollSet};
+use crate::secure::{self, Channel, Frame, Hello, Purpose, Side};
 use crate::signals::Signals;
 
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = secure::VERSION;
 /// The longest line either side accepts, newline included.
 pub(crate) const MAX_LINE: usize = 512;
-
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+/// The longest session name: what `HELLO` may ask for, and a master's
+/// `--name`.
+pub(crate) const MAX_NAME: usize = 24;
+/// What the pool answers a protocol-1 master, in clear text.
+pub(crate) const OLD_PEER: &str = "ERR this pool speaks protocol version 2, not version 1";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Message {
-    Challenge {
-        version: u32,
-        nonce: String,
-    },
-    Auth {
-        version: u32,
-        cnonce: String,
-        mac: String,
-    },
-    Ok {
-        proof: String,
-    },
-    Daemon {
-        name: Id,
-    },
-    Port {
-        port: Port,
-    },
+    Hello { name: Id },
+    Session { name: Id },
+    Daemon { name: Id },
+    Port { port: Port },
     End,
     Bye,
-    Err {
-        reason: String,
-    },
+    Err { reason: String },
 }
 
 impl fmt::Display for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Message::Challenge { version, nonce } => {
-                write!(f, "FIFOBIND {version} CHALLENGE {nonce}")
-            }
-            Message::Auth {
-                version,
-                cnonce,
-                mac,
-            } => write!(f, "FIFOBIND {version} AUTH {cnonce} {mac}"),
-            Message::Ok { proof } => write!(f, "OK {proof}"),
+            Message::Hello { name } => write!(f, "HELLO {name}"),
+            Message::Session { name } => write!(f, "SESSION {name}"),
             Message::Daemon { name } => write!(f, "DAEMON {name}"),
             Message::Port { port } => write!(f, "PORT {port}"),
             Message::End => f.write_str("END"),
@@ -95,54 +76,68 @@ impl fmt::Display for Message {
     }
 }
 
-/// 64 lower-case hex digits: a nonce or a MAC.
-fn hex32(word: &str) -> Result<String, String> {
-    if word.len() == 64 && word.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        Ok(word.to_string())
-    } else {
-        Err(format!(
-            "expected 64 lower-case hex digits, got {:?}",
-            clip(word)
-        ))
-    }
-}
-
 fn clip(s: &str) -> String {
     s.chars().take(40).collect()
+}
+
+/// A session name: an ID of at most [`MAX_NAME`] characters without a
+/// dot (the dot joins it to a daemon's name).
+pub(crate) fn parse_name(s: &str) -> Result<Id, String> {
+    if s.len() > MAX_NAME {
+        return Err(format!("a session name has at most {MAX_NAME} characters"));
+    }
+    if s.contains('.') {
+        return Err("a session name has no '.'".into());
+    }
+    s.parse()
+}
+
+/// Makes any text a session name: characters other than `A-Z a-z 0-9 _ -`
+/// become `-`, at most [`MAX_NAME`] are kept, and one that would start
+/// with `-` starts with `_` instead (for a host name, say).
+pub(crate) fn name_of(raw: &str) -> Id {
+    let mut name: String = raw
+        .chars()
+        .take(MAX_NAME)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        name = "master".into();
+    }
+    if name.starts_with('-') {
+        name.replace_range(..1, "_");
+    }
+    parse_name(&name).expect("made a valid name")
+}
+
+/// The stream (and binding ID) of daemon `daemon` of session `session`:
+/// `SESSION.DAEMON`, refused when longer than an ID may be.
+pub(crate) fn stream_name(session: &Id, daemon: &Id) -> Result<Id, String> {
+    format!("{session}.{daemon}")
+        .parse()
+        .map_err(|e| format!("daemon {daemon}: its stream {session}.{daemon} is no valid ID ({e})"))
 }
 
 impl Message {
     /// Parses one line (without its newline).
     pub(crate) fn parse(line: &str) -> Result<Message, String> {
         let words: Vec<&str> = line.split(' ').collect();
-        let version = |w: &str| -> Result<u32, String> {
-            match w.parse::<u32>() {
-                Ok(VERSION) => Ok(VERSION),
-                _ => Err(format!(
-                    "protocol version {:?} not supported (this side speaks {VERSION})",
-                    clip(w)
-                )),
-            }
-        };
+        let id = |what: &str, w: &str| w.parse::<Id>().map_err(|e| format!("bad {what}: {e}"));
         match words.as_slice() {
-            ["FIFOBIND", v, "CHALLENGE", nonce] => Ok(Message::Challenge {
-                version: version(v)?,
-                nonce: hex32(nonce)?,
+            ["HELLO", name] => Ok(Message::Hello {
+                name: parse_name(name).map_err(|e| format!("bad session name: {e}"))?,
             }),
-            ["FIFOBIND", v, "AUTH", cnonce, mac] => Ok(Message::Auth {
-                version: version(v)?,
-                cnonce: hex32(cnonce)?,
-                mac: hex32(mac)?,
-            }),
-            ["FIFOBIND", v, ..] => {
-                version(v)?;
-                Err(format!("malformed line {:?}", clip(line)))
-            }
-            ["OK", proof] => Ok(Message::Ok {
-                proof: hex32(proof)?,
+            ["SESSION", name] => Ok(Message::Session {
+                name: id("session name", name)?,
             }),
             ["DAEMON", name] => Ok(Message::Daemon {
-                name: name.parse().map_err(|e| format!("bad daemon name: {e}"))?,
+                name: id("daemon name", name)?,
             }),
             ["PORT", port] => Ok(Message::Port {
                 port: port.parse()?,
@@ -162,12 +157,15 @@ impl Message {
 pub enum Failure {
     /// The connection failed, closed or timed out.
     Io(io::Error),
-    /// The peer said something that breaks the protocol.
+    /// The peer said something that breaks the protocol, or a frame
+    /// failed to open.
     Protocol(String),
     /// The peer answered `ERR`.
     Refused(String),
     /// Authentication failed: a wrong key on either side.
     Denied(String),
+    /// The peer speaks another version of the protocol.
+    Version(String),
     /// A stop signal came while waiting for the peer.
     Stopped(Signal),
 }
@@ -187,7 +185,7 @@ impl fmt::Display for Failure {
                 f.write_str("timed out")
             }
             Failure::Io(e) => f.write_str(&crate::error::describe_io(e)),
-            Failure::Protocol(s) | Failure::Denied(s) => f.write_str(s),
+            Failure::Protocol(s) | Failure::Denied(s) | Failure::Version(s) => f.write_str(s),
             Failure::Refused(s) => write!(f, "refused: {s}"),
             Failure::Stopped(sig) => write!(f, "stopped by {sig}"),
         }
@@ -205,39 +203,59 @@ impl Failure {
     }
 }
 
+/// Refusals worth trying again later: a full door, a held-back address.
+fn temporary(reason: &str) -> bool {
+    reason.starts_with("busy") || reason.starts_with("too many")
+}
+
 impl From<Failure> for Error {
     fn from(failure: Failure) -> Error {
         let status = match &failure {
             // A stop is no failure to report: only its status counts.
             Failure::Stopped(sig) => return Error::new(ExitStatus::Signal(*sig as i32), ""),
+            // A peer that vanished, not a file we failed to create nor a
+            // local I/O error.
+            Failure::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                ExitStatus::Unavailable
+            }
             Failure::Io(e) => match ExitStatus::of_io(e) {
-                // A peer that vanished, not a file we failed to create.
                 ExitStatus::CantCreate => ExitStatus::Unavailable,
                 status => status,
             },
             Failure::Protocol(_) => ExitStatus::Protocol,
-            // Busy serving another master, or too many at once: worth
-            // trying again later.
-            Failure::Refused(reason) if reason.starts_with("busy") => ExitStatus::TempFail,
-            Failure::Refused(_) => ExitStatus::Unavailable,
+            Failure::Refused(reason) if temporary(reason) => ExitStatus::TempFail,
+            Failure::Refused(_) | Failure::Version(_) => ExitStatus::Unavailable,
             Failure::Denied(_) => ExitStatus::NoPerm,
         };
         Error::new(status, failure.to_string())
     }
 }
 
-/// One side of a protocol connection: framed lines with limits.
+/// The master's end of a control connection: blocking, every wait
+/// bounded by the step timeout and ended by a stop signal; sealed once
+/// [`authenticate`] has run.
 pub(crate) struct Conn {
-    reader: BufReader<Deadlined>,
+    reader: Deadlined,
     writer: TcpStream,
     step: Duration,
+    channel: Option<Channel>,
+    /// Bytes read but not yet opened as a frame.
+    inbuf: Vec<u8>,
 }
 
 /// The reading side of a connection, whose reads all end by one deadline,
 /// or at once when a stop signal comes. A socket timeout bounds each
-/// read(2) alone: a peer trickling a byte now and then would hold a line,
-/// and the pool's handshake slot, open for as long as it liked. So each
-/// read waits only for what is left of the time the whole line has.
+/// read(2) alone: a peer trickling a byte now and then would hold a step
+/// open for as long as it liked. So each read waits only for what is left
+/// of the time the whole step has.
 struct Deadlined {
     stream: TcpStream,
     deadline: Instant,
@@ -287,130 +305,142 @@ impl Conn {
             stopped: None,
         };
         Ok(Conn {
-            reader: BufReader::with_capacity(MAX_LINE, reader),
+            reader,
             writer,
             step,
+            channel: None,
+            inbuf: Vec::new(),
         })
     }
 
     /// Makes every wait for the peer end as soon as one of `signals`
     /// comes, with [`Failure::Stopped`].
     pub(crate) fn stop_on(&mut self, signals: Signals) {
-        self.reader.get_mut().stop = Some(signals);
+        self.reader.stop = Some(signals);
     }
 
-    /// True when a line (or part of one) is already read in: the socket
-    /// may say nothing more, yet [`Conn::recv`] has something to return.
-    pub(crate) fn has_buffered(&self) -> bool {
-        !self.reader.buffer().is_empty()
+    /// The secret of stream `name` of this session (after [`authenticate`]).
+    pub(crate) fn stream_secret(&self, name: &Id) -> Zeroizing<[u8; 32]> {
+        self.channel
+            .as_ref()
+            .expect("authenticated")
+            .stream_secret(name.as_str())
+    }
+
+    fn stopped_or<T>(&mut self, r: Result<T, Failure>) -> Result<T, Failure> {
+        match self.reader.stopped.take() {
+            Some(sig) => Err(Failure::Stopped(sig)),
+            None => r,
+        }
+    }
+
+    /// Reads the pool's greeting, in clear text, within one step.
+    fn read_greeting(&mut self) -> Result<String, Failure> {
+        self.reader.deadline = Instant::now() + self.step;
+        let r = secure::read_greeting(&mut self.reader);
+        self.stopped_or(r)
+    }
+
+    fn send_frame(&mut self, frame: &Frame) -> Result<(), Failure> {
+        let mut out = Vec::new();
+        self.channel
+            .as_mut()
+            .expect("sealed")
+            .sealer
+            .seal(frame, &mut out);
+        self.writer.write_all(&out).map_err(Failure::Io)
+    }
+
+    /// Reads and opens the next frame, which must arrive whole within
+    /// one step.
+    fn recv_frame(&mut self) -> Result<Frame, Failure> {
+        self.reader.deadline = Instant::now() + self.step;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let channel = self.channel.as_mut().expect("sealed");
+            if let Some((frame, used)) = channel.opener.open(&self.inbuf)? {
+                self.inbuf.drain(..used);
+                return Ok(frame);
+            }
+            let r = self.reader.read(&mut chunk).map_err(Failure::Io);
+            match self.stopped_or(r)? {
+                0 => return Err(Failure::Io(io::ErrorKind::UnexpectedEof.into())),
+                n => self.inbuf.extend_from_slice(&chunk[..n]),
+            }
+        }
     }
 
     pub(crate) fn send(&mut self, msg: &Message) -> Result<(), Failure> {
-        self.writer
-            .write_all(format!("{msg}\n").as_bytes())
-            .map_err(Failure::Io)
+        self.send_frame(&Frame::Line(msg.to_string()))
     }
 
-    /// Sends an error line, ignoring failure: the connection closes next.
-    pub(crate) fn refuse(&mut self, reason: &str) {
-        let _ = self.send(&Message::Err {
-            reason: reason.to_string(),
-        });
-    }
-
-    /// Reads the next message, which must arrive whole within the step
-    /// timeout; an `ERR` line becomes [`Failure::Refused`].
+    /// Reads the next message; an `ERR` line becomes [`Failure::Refused`].
     pub(crate) fn recv(&mut self) -> Result<Message, Failure> {
-        self.reader.get_mut().deadline = Instant::now() + self.step;
-        let line = read_line(&mut self.reader);
-        if let Some(sig) = self.reader.get_mut().stopped.take() {
-            return Err(Failure::Stopped(sig));
-        }
-        match Message::parse(&line?).map_err(Failure::Protocol)? {
-            Message::Err { reason } => Err(Failure::Refused(reason)),
-            msg => Ok(msg),
+        match self.recv_frame()? {
+            Frame::Line(line) => match Message::parse(&line).map_err(Failure::Protocol)? {
+                Message::Err { reason } => Err(Failure::Refused(reason)),
+                msg => Ok(msg),
+            },
+            other => Err(Failure::Protocol(format!(
+                "expected a control line, got {other}"
+            ))),
         }
     }
 }
 
-impl AsFd for Conn {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.writer.as_fd()
-    }
-}
-
-// The handshakes of version 1. Each side is one function over a `Conn`,
-// so that another version can replace it whole.
-
-/// The master's side: answers the pool's challenge and checks its proof.
-pub(crate) fn authenticate(conn: &mut Conn, key: &Key) -> Result<(), Failure> {
-    let nonce = match conn.recv()? {
-        Message::Challenge { nonce, .. } => nonce,
-        other => {
-            conn.refuse("expected FIFOBIND 1 CHALLENGE");
-            return Err(Failure::Protocol(format!("the pool opened with {other}")));
-        }
-    };
-    let cnonce = self::nonce();
-    conn.send(&Message::Auth {
-        version: VERSION,
-        cnonce: cnonce.clone(),
-        mac: mac(key, "master", &nonce, &cnonce),
-    })?;
-    match conn.recv() {
-        Ok(Message::Ok { proof }) if verify(key, "pool", &nonce, &cnonce, &proof) => Ok(()),
-        Ok(Message::Ok { .. }) => Err(Failure::Denied(
-            "the pool does not know the key: refusing to send it anything".into(),
-        )),
-        Ok(other) => Err(Failure::Protocol(format!("the pool answered {other}"))),
-        Err(Failure::Refused(reason)) if !reason.starts_with("busy") => Err(Failure::Denied(
-            format!("the pool refused this master: {reason}"),
-        )),
-        Err(e) => Err(e),
-    }
-}
-
-/// The pool's side: challenges the master and checks its answer; then
-/// `admit` says whether it can be served now (the reason why not is sent
-/// as `ERR`), and the pool proves it knows the key too.
-pub(crate) fn challenge(
-    conn: &mut Conn,
-    key: &Key,
-    admit: impl FnOnce() -> Result<(), String>,
-) -> Result<(), Failure> {
-    let nonce = self::nonce();
-    conn.send(&Message::Challenge {
-        version: VERSION,
-        nonce: nonce.clone(),
-    })?;
-    let cnonce = match conn.recv() {
-        Ok(Message::Auth { cnonce, mac, .. }) => {
-            if !verify(key, "master", &nonce, &cnonce, &mac) {
-                conn.refuse("authentication failed: wrong key");
-                return Err(Failure::Denied("refused: wrong key".into()));
-            }
-            cnonce
-        }
-        Ok(other) => {
-            conn.refuse("expected FIFOBIND 1 AUTH");
-            return Err(Failure::Protocol(format!(
-                "refused: sent {other} before authenticating"
+/// The master's side of the handshake: the greetings, the confirmations
+/// (a wrong key fails here), then `HELLO name`. Returns the name the pool
+/// gave the session.
+pub(crate) fn authenticate(conn: &mut Conn, key: &Key, name: &Id) -> Result<Id, Failure> {
+    let greeting = conn.read_greeting()?;
+    let words: Vec<&str> = greeting.split(' ').collect();
+    match words.as_slice() {
+        ["ERR", ..] => return Err(Failure::Refused(greeting[4..].to_string())),
+        ["FIFOBIND", v, ..] if *v != VERSION.to_string() => {
+            return Err(Failure::Version(format!(
+                "the pool speaks protocol version {}, this master speaks version {VERSION}",
+                clip(v)
             )));
         }
-        Err(e) => {
-            if !matches!(e, Failure::Io(_)) {
-                conn.refuse(&e.to_string());
-            }
-            return Err(e);
-        }
-    };
-    if let Err(reason) = admit() {
-        conn.refuse(&reason);
-        return Err(Failure::Denied(format!("refused: {reason}")));
+        _ => {}
     }
-    conn.send(&Message::Ok {
-        proof: mac(key, "pool", &nonce, &cnonce),
-    })
+    let hello = Hello::start(Side::Connector, Purpose::Control, key.as_bytes());
+    conn.writer
+        .write_all(format!("{}\n", hello.line()).as_bytes())
+        .map_err(Failure::Io)?;
+    conn.channel = Some(hello.finish(&greeting)?);
+    conn.send_frame(&Frame::Confirm)?;
+    match conn.recv_frame() {
+        Ok(Frame::Confirm) => {}
+        Ok(other) => {
+            return Err(Failure::Protocol(format!(
+                "expected the pool's confirmation, got {other}"
+            )));
+        }
+        Err(Failure::Protocol(_)) => {
+            return Err(Failure::Denied(
+                "refused: authentication failed: the pool's confirmation does not open \
+                 under this key (a wrong key, or the connection was tampered with)"
+                    .into(),
+            ));
+        }
+        // A pool that found our confirmation wrong closes at once.
+        Err(Failure::Io(e)) if e.kind() != io::ErrorKind::TimedOut => {
+            return Err(Failure::Denied(format!(
+                "refused: the pool closed the connection during authentication \
+                 (a wrong key?): {}",
+                Failure::Io(e)
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    conn.send(&Message::Hello { name: name.clone() })?;
+    match conn.recv()? {
+        Message::Session { name } => Ok(name),
+        other => Err(Failure::Protocol(format!(
+            "the pool answered {other} to HELLO"
+        ))),
+    }
 }
 
 /// The master asks for the port of daemon `name`'s binding.
@@ -436,30 +466,177 @@ pub(crate) fn end(conn: &mut Conn) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes and checks its bytes.
-pub(crate) fn read_line<R: Read>(reader: &mut BufReader<R>) -> Result<String, Failure> {
-    let mut line = Vec::with_capacity(64);
-    let n = reader
-        .by_ref()
-        .take(MAX_LINE as u64)
-        .read_until(b'\n', &mut line)
-        .map_err(Failure::Io)?;
-    if n == 0 {
-        return Err(Failure::Io(io::ErrorKind::UnexpectedEof.into()));
+/// The pool's side of the handshake, fed the bytes that arrive: its
+/// greeting is in [`Challenge::out`] from the start; the master's greeting
+/// seals the channel and queues the pool's confirmation; the master's
+/// confirmation and its `HELLO` admit it. No step blocks, so one poll loop
+/// runs many at once.
+pub(crate) struct Challenge {
+    stage: Stage,
+    /// Bytes to send to the master, in order.
+    pub(crate) out: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+enum Stage {
+    Greeting(Hello),
+    Confirm(Channel),
+    Hello(Channel),
+    Done,
+}
+
+enum Step {
+    Moved,
+    Wait,
+    Admitted(Channel, Id),
+    Failed(Failure),
+}
+
+/// Where a handshake is after the bytes it was fed.
+pub(crate) enum Progress {
+    /// More bytes are needed.
+    More,
+    /// The master proved it knows the key and asked for session `name`;
+    /// `rest` is what it sent after its `HELLO`.
+    Admitted {
+        channel: Channel,
+        name: Id,
+        rest: Vec<u8>,
+    },
+    /// The handshake failed: send what is in `out` (a clear `ERR` line,
+    /// if any) and close.
+    Failed(Failure),
+}
+
+impl Challenge {
+    pub(crate) fn new(key: &Key) -> Challenge {
+        let hello = Hello::start(Side::Listener, Purpose::Control, key.as_bytes());
+        let out = format!("{}\n", hello.line()).into_bytes();
+        Challenge {
+            stage: Stage::Greeting(hello),
+            out,
+            inbuf: Vec::new(),
+        }
     }
-    if line.last() != Some(&b'\n') {
-        return Err(if n >= MAX_LINE {
-            Failure::Protocol(format!("line longer than {MAX_LINE} bytes"))
-        } else {
-            Failure::Io(io::ErrorKind::UnexpectedEof.into())
-        });
+
+    /// True once the master's greeting is in: the key's test is under way.
+    pub(crate) fn greeted(&self) -> bool {
+        !matches!(self.stage, Stage::Greeting(_))
     }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
+
+    /// Takes bytes from the master.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Progress {
+        self.inbuf.extend_from_slice(bytes);
+        loop {
+            match self.step() {
+                Step::Moved => continue,
+                Step::Wait => return Progress::More,
+                Step::Admitted(channel, name) => {
+                    return Progress::Admitted {
+                        channel,
+                        name,
+                        rest: std::mem::take(&mut self.inbuf),
+                    };
+                }
+                Step::Failed(failure) => {
+                    self.stage = Stage::Done;
+                    return Progress::Failed(failure);
+                }
+            }
+        }
     }
-    check_line(&line)?;
-    Ok(String::from_utf8(line).expect("checked to be ASCII"))
+
+    /// One step of the handshake.
+    fn step(&mut self) -> Step {
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Greeting(hello) => {
+                let Some(end) = self.inbuf.iter().position(|&b| b == b'\n') else {
+                    self.stage = Stage::Greeting(hello);
+                    if self.inbuf.len() >= MAX_LINE {
+                        return Step::Failed(self.refuse(Failure::Protocol(format!(
+                            "line longer than {MAX_LINE} bytes"
+                        ))));
+                    }
+                    return Step::Wait;
+                };
+                let mut line: Vec<u8> = self.inbuf.drain(..=end).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if let Err(e) = check_line(&line) {
+                    return Step::Failed(self.refuse(e));
+                }
+                let line = String::from_utf8(line).expect("checked to be ASCII");
+                if let ["FIFOBIND", v, ..] = line.split(' ').collect::<Vec<_>>().as_slice()
+                    && *v != VERSION.to_string()
+                {
+                    self.out = format!("{OLD_PEER}\n").into_bytes();
+                    if *v != "1" {
+                        self.out = format!(
+                            "ERR this pool speaks protocol version {VERSION}, not version {}\n",
+                            clip(v)
+                        )
+                        .into_bytes();
+                    }
+                    return Step::Failed(Failure::Version(format!(
+                        "a master of protocol version {}: this pool speaks version {VERSION}",
+                        clip(v)
+                    )));
+                }
+                match hello.finish(&line) {
+                    Ok(mut channel) => {
+                        channel.sealer.seal(&Frame::Confirm, &mut self.out);
+                        self.stage = Stage::Confirm(channel);
+                        Step::Moved
+                    }
+                    Err(e) => Step::Failed(self.refuse(e)),
+                }
+            }
+            Stage::Confirm(mut channel) => match channel.opener.open(&self.inbuf) {
+                Ok(None) => {
+                    self.stage = Stage::Confirm(channel);
+                    Step::Wait
+                }
+                Ok(Some((Frame::Confirm, used))) => {
+                    self.inbuf.drain(..used);
+                    self.stage = Stage::Hello(channel);
+                    Step::Moved
+                }
+                Ok(Some((other, _))) => Step::Failed(Failure::Protocol(format!(
+                    "sent {other} instead of a confirmation"
+                ))),
+                Err(_) => Step::Failed(Failure::Denied("wrong key".into())),
+            },
+            Stage::Hello(mut channel) => match channel.opener.open(&self.inbuf) {
+                Ok(None) => {
+                    self.stage = Stage::Hello(channel);
+                    Step::Wait
+                }
+                Ok(Some((Frame::Line(line), used))) => {
+                    self.inbuf.drain(..used);
+                    match Message::parse(&line) {
+                        Ok(Message::Hello { name }) => Step::Admitted(channel, name),
+                        Ok(other) => Step::Failed(Failure::Protocol(format!(
+                            "sent {other} instead of HELLO"
+                        ))),
+                        Err(e) => Step::Failed(Failure::Protocol(e)),
+                    }
+                }
+                Ok(Some((other, _))) => {
+                    Step::Failed(Failure::Protocol(format!("sent {other} instead of HELLO")))
+                }
+                Err(e) => Step::Failed(e),
+            },
+            Stage::Done => Step::Failed(Failure::Protocol("handshake over".into())),
+        }
+    }
+
+    /// Answers a failure before the channel exists with a clear `ERR`.
+    fn refuse(&mut self, failure: Failure) -> Failure {
+        self.out = format!("ERR {failure}\n").into_bytes();
+        failure
+    }
 }
 
 /// Only printable ASCII and spaces: no NUL, no stray CR, no control bytes.
@@ -472,120 +649,102 @@ pub(crate) fn check_line(line: &[u8]) -> Result<(), Failure> {
     }
 }
 
-/// A fresh random nonce, hex.
-pub fn nonce() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the kernel's random source works");
-    hex::encode(bytes)
-}
-
-/// The MAC one side (`role`: "master" or "pool") sends over the nonces.
-pub fn mac(key: &Key, role: &str, nonce: &str, cnonce: &str) -> String {
-    let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
-    mac.update(format!("fifobind-{VERSION} {role} {nonce} {cnonce}").as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
-
-/// Checks a received MAC in constant time.
-pub(crate) fn verify(key: &Key, role: &str, nonce: &str, cnonce: &str, received: &str) -> bool {
-    let Ok(tag) = hex::decode(received) else {
-        return false;
-    };
-    let mut mac = HmacSha256::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
-    mac.update(format!("fifobind-{VERSION} {role} {nonce} {cnonce}").as_bytes());
-    mac.verify_slice(&tag).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::net::TcpListener;
 
     fn key(s: &str) -> Key {
         Key::new(s.as_bytes().to_vec()).unwrap()
     }
 
+    fn id(s: &str) -> Id {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn every_message_round_trips() {
-        let n = nonce();
         let msgs = [
-            Message::Challenge {
-                version: 1,
-                nonce: n.clone(),
-            },
-            Message::Auth {
-                version: 1,
-                cnonce: n.clone(),
-                mac: n.clone(),
-            },
-            Message::Ok { proof: n },
-            Message::Daemon {
-                name: "dem1".parse().unwrap(),
-            },
+            Message::Hello { name: id("m") },
+            Message::Session { name: id("m-2") },
+            Message::Daemon { name: id("dem1") },
             Message::Port { port: Port(30001) },
             Message::End,
             Message::Bye,
             Message::Err {
-                reason: "auth: wrong key".into(),
+                reason: "busy: too many".into(),
             },
         ];
         for msg in msgs {
             assert_eq!(Message::parse(&msg.to_string()), Ok(msg));
         }
-    }
-
-    #[test]
-    fn wrong_version_and_garbage_are_refused() {
-        let n = nonce();
-        assert!(
-            Message::parse(&format!("FIFOBIND 2 AUTH {n} {n}"))
-                .unwrap_err()
-                .contains("version")
-        );
         for bad in [
             "",
             "HELLO",
+            "HELLO a.b",
+            "HELLO abcdefghijklmnopqrstuvwxyz",
             "DAEMON ../x",
             "PORT 80",
             "DAEMON a b",
             "END now",
-            "OK 12",
+            "FIFOBIND 1 AUTH x y",
         ] {
             assert!(Message::parse(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
-    fn mac_depends_on_key_role_and_nonces() {
-        let (n, c) = (nonce(), nonce());
-        let m = mac(&key("k12"), "master", &n, &c);
-        assert!(verify(&key("k12"), "master", &n, &c, &m));
-        assert!(!verify(&key("k13"), "master", &n, &c, &m));
-        assert!(!verify(&key("k12"), "pool", &n, &c, &m));
-        assert!(!verify(&key("k12"), "master", &nonce(), &c, &m));
-        assert!(!verify(&key("k12"), "master", &n, &c, "zz"));
+    fn names_are_made_ids_and_streams_joined() {
+        assert_eq!(
+            name_of("build-host.example.org").as_str(),
+            "build-host-example-org"
+        );
+        assert_eq!(name_of("-x").as_str(), "_x");
+        assert_eq!(name_of("").as_str(), "master");
+        assert_eq!(name_of(&"h".repeat(40)).as_str().len(), MAX_NAME);
+        assert_eq!(
+            stream_name(&id("m"), &id("dem1")).unwrap().as_str(),
+            "m.dem1"
+        );
+        assert!(stream_name(&id("m"), &id(&"d".repeat(63))).is_err());
     }
 
-    /// The two ends of a loopback connection, as `Conn`s.
-    fn pair() -> (Conn, Conn) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// The two ends of a loopback connection.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (b, _) = listener.accept().unwrap();
-        let step = Duration::from_secs(5);
-        (Conn::new(a, step).unwrap(), Conn::new(b, step).unwrap())
+        (a, b)
     }
 
-    /// Runs the pool's side on a thread and the master's here.
-    fn handshake(
-        pool_key: &str,
-        master_key: &str,
-        admit: Result<(), String>,
-    ) -> (Result<(), Failure>, Result<(), Failure>) {
-        let (mut master, mut pool) = pair();
-        let pool_key = key(pool_key);
-        let pool = std::thread::spawn(move || challenge(&mut pool, &pool_key, || admit));
-        let master = authenticate(&mut master, &key(master_key));
-        (master, pool.join().unwrap())
+    /// Drives the pool's side over a blocking socket, as the pool's loop
+    /// does over a non-blocking one; answers `SESSION name` when admitted.
+    fn pool_side(mut s: TcpStream, k: &str) -> Result<(Channel, TcpStream), Failure> {
+        let mut c = Challenge::new(&key(k));
+        let mut chunk = [0u8; 4096];
+        loop {
+            s.write_all(&std::mem::take(&mut c.out))
+                .map_err(Failure::Io)?;
+            let n = s.read(&mut chunk).map_err(Failure::Io)?;
+            if n == 0 {
+                return Err(Failure::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            match c.feed(&chunk[..n]) {
+                Progress::More => {}
+                Progress::Admitted {
+                    mut channel, name, ..
+                } => {
+                    s.write_all(&c.out).map_err(Failure::Io)?;
+                    channel.send(&mut s, &Frame::Line(format!("SESSION {name}")))?;
+                    return Ok((channel, s));
+                }
+                Progress::Failed(f) => {
+                    let _ = s.write_all(&c.out);
+                    return Err(f);
+                }
+            }
+        }
     }
 
     fn status(f: Failure) -> ExitStatus {
@@ -593,82 +752,103 @@ mod tests {
     }
 
     #[test]
-    fn handshake_with_the_same_key_succeeds_and_a_session_follows() {
-        let (mut master, mut pool) = pair();
-        let k = key("k12");
+    fn same_key_opens_a_session_and_both_derive_the_stream_secret() {
+        let (a, b) = pair();
         let pool = std::thread::spawn(move || {
-            challenge(&mut pool, &k, || Ok(())).unwrap();
-            assert!(matches!(pool.recv(), Ok(Message::Daemon { .. })));
-            pool.send(&Message::Port { port: Port(30001) }).unwrap();
-            assert!(matches!(pool.recv(), Ok(Message::End)));
-            pool.send(&Message::Bye).unwrap();
+            let (mut ch, mut s) = pool_side(b, "k12").unwrap();
+            assert_eq!(ch.recv(&mut s).unwrap(), Frame::Line("DAEMON dem1".into()));
+            ch.send(&mut s, &Frame::Line("PORT 30001".into())).unwrap();
+            assert_eq!(ch.recv(&mut s).unwrap(), Frame::Line("END".into()));
+            ch.send(&mut s, &Frame::Line("BYE".into())).unwrap();
+            ch.stream_secret("m.dem1")
         });
-        authenticate(&mut master, &key("k12")).unwrap();
-        let port = request_port(&mut master, &"dem1".parse().unwrap()).unwrap();
-        assert_eq!(port, Port(30001));
-        end(&mut master).unwrap();
-        pool.join().unwrap();
+        let mut conn = Conn::new(a, Duration::from_secs(5)).unwrap();
+        let session = authenticate(&mut conn, &key("k12"), &id("m")).unwrap();
+        assert_eq!(session, id("m"));
+        assert_eq!(request_port(&mut conn, &id("dem1")).unwrap(), Port(30001));
+        end(&mut conn).unwrap();
+        let theirs = pool.join().unwrap();
+        assert_eq!(*theirs, *conn.stream_secret(&id("m.dem1")));
+        assert_ne!(*theirs, *conn.stream_secret(&id("m.dem2")));
     }
 
     #[test]
     fn a_wrong_key_is_denied_on_both_sides() {
-        let (master, pool) = handshake("k12", "k13", Ok(()));
-        let master = master.unwrap_err();
+        let (a, b) = pair();
+        let pool = std::thread::spawn(move || pool_side(b, "k12").map(|_| ()));
+        let mut conn = Conn::new(a, Duration::from_secs(5)).unwrap();
+        let master = authenticate(&mut conn, &key("k13"), &id("m")).unwrap_err();
         assert!(master.to_string().contains("wrong key"), "{master}");
         assert_eq!(status(master), ExitStatus::NoPerm);
+        let pool = pool.join().unwrap();
         assert!(matches!(pool, Err(Failure::Denied(_))), "{pool:?}");
     }
 
     #[test]
-    fn a_busy_pool_is_a_temporary_failure() {
-        let (master, pool) =
-            handshake("k", "k", Err("busy: another master is being served".into()));
-        assert!(pool.is_err());
-        let master = master.unwrap_err();
-        assert!(master.to_string().contains("busy"), "{master}");
-        assert_eq!(status(master), ExitStatus::TempFail);
-    }
-
-    #[test]
-    fn busy_in_place_of_a_challenge_is_a_temporary_failure() {
-        let (mut master, mut pool) = pair();
-        pool.refuse("busy: too many connections");
-        let err = authenticate(&mut master, &key("k")).unwrap_err();
-        assert_eq!(status(err), ExitStatus::TempFail);
-    }
-
-    #[test]
-    fn a_pool_without_the_key_gets_nothing() {
-        let (mut master, mut pool) = pair();
-        let faker = std::thread::spawn(move || {
-            pool.send(&Message::Challenge {
-                version: VERSION,
-                nonce: nonce(),
-            })
+    fn a_version_1_pool_or_master_is_told_both_versions() {
+        // A v1 pool's challenge, to this master.
+        let (a, mut b) = pair();
+        b.write_all(format!("FIFOBIND 1 CHALLENGE {}\n", "ab".repeat(32)).as_bytes())
             .unwrap();
-            assert!(matches!(pool.recv(), Ok(Message::Auth { .. })));
-            // It cannot make the proof: it sends anything.
-            pool.send(&Message::Ok { proof: nonce() }).unwrap();
-        });
-        let err = authenticate(&mut master, &key("k")).unwrap_err();
-        faker.join().unwrap();
-        assert!(err.to_string().contains("does not know the key"), "{err}");
-        assert_eq!(status(err), ExitStatus::NoPerm);
+        let mut conn = Conn::new(a, Duration::from_secs(5)).unwrap();
+        let err = authenticate(&mut conn, &key("k"), &id("m")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the pool speaks protocol version 1, this master speaks version 2"
+        );
+        assert_eq!(status(err), ExitStatus::Unavailable);
+        // A v1 master's answer, to this pool.
+        let mut c = Challenge::new(&key("k"));
+        let line = format!("FIFOBIND 1 AUTH {} {}\n", "ab".repeat(32), "cd".repeat(32));
+        assert!(matches!(
+            c.feed(line.as_bytes()),
+            Progress::Failed(Failure::Version(_))
+        ));
+        assert_eq!(c.out, format!("{OLD_PEER}\n").as_bytes());
+    }
+
+    #[test]
+    fn busy_or_held_back_in_place_of_a_greeting_is_a_temporary_failure() {
+        for why in [
+            "busy: too many connections",
+            "too many wrong keys from 127.0.0.1; retry in 2 s",
+        ] {
+            let (a, mut b) = pair();
+            b.write_all(format!("ERR {why}\n").as_bytes()).unwrap();
+            let mut conn = Conn::new(a, Duration::from_secs(5)).unwrap();
+            let err = authenticate(&mut conn, &key("k"), &id("m")).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+            assert_eq!(status(err), ExitStatus::TempFail);
+        }
+    }
+
+    #[test]
+    fn garbage_at_the_pool_gets_a_clear_err() {
+        for bad in [
+            &b"HELLO pool\n"[..],
+            b"FIFOBIND 2 CONTROL zz\n",
+            b"\0\n",
+            &[b'x'; 600],
+        ] {
+            let mut c = Challenge::new(&key("k"));
+            assert!(matches!(c.feed(bad), Progress::Failed(_)), "{bad:?}");
+            assert!(c.out.starts_with(b"ERR "), "{bad:?}");
+        }
     }
 
     #[test]
     fn a_silent_peer_times_out_and_a_stop_signal_ends_the_wait() {
-        let (mut master, _silent) = pair();
-        master.step = Duration::from_millis(200);
-        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        let (a, _silent) = pair();
+        let mut conn = Conn::new(a, Duration::from_millis(200)).unwrap();
+        let err = authenticate(&mut conn, &key("k"), &id("m")).unwrap_err();
         assert_eq!(status(err), ExitStatus::TempFail);
 
         // SIGUSR2 is no signal of this test binary's.
-        master.step = Duration::from_secs(60);
-        master.stop_on(Signals::of_for_tests(Signal::SIGUSR2));
+        conn.step = Duration::from_secs(60);
+        conn.stop_on(Signals::of_for_tests(Signal::SIGUSR2));
         nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
         let started = Instant::now();
-        let err = authenticate(&mut master, &key("k")).unwrap_err();
+        let err = authenticate(&mut conn, &key("k"), &id("m")).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(matches!(err, Failure::Stopped(Signal::SIGUSR2)), "{err:?}");
         let err = Error::from(err);
@@ -676,34 +856,19 @@ mod tests {
         assert!(err.message.is_empty());
     }
 
-    #[test]
-    fn framer_limits_and_bytes() {
-        let read = |bytes: &[u8]| read_line(&mut BufReader::new(bytes));
-        assert_eq!(read(b"END\r\n").unwrap(), "END");
-        assert!(matches!(read(b"E\0ND\n"), Err(Failure::Protocol(_))));
-        assert!(matches!(read(b"E\rND\n"), Err(Failure::Protocol(_))));
-        assert!(matches!(read(&[b'x'; 1000]), Err(Failure::Protocol(_))));
-        assert!(matches!(read(b"END"), Err(Failure::Io(_))));
-    }
-
     proptest! {
-        /// Whatever bytes arrive, the framer and the parser answer with a
-        /// message or an error, never a panic; and what they accept is
-        /// printable, bounded, and parses back to itself once re-encoded.
+        /// Whatever bytes arrive at the pool, its handshake answers with
+        /// progress or a failure, never a panic, and admits nobody.
         #[test]
-        fn framer_and_parser_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
-            if let Ok(line) = read_line(&mut BufReader::new(&bytes[..])) {
-                prop_assert!(line.len() < MAX_LINE);
-                prop_assert!(check_line(line.as_bytes()).is_ok());
-                if let Ok(msg) = Message::parse(&line) {
-                    prop_assert_eq!(Message::parse(&msg.to_string()), Ok(msg));
-                }
-            }
+        fn the_pools_handshake_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let mut c = Challenge::new(&key("k"));
+            let admitted = matches!(c.feed(&bytes), Progress::Admitted { .. });
+            prop_assert!(!admitted);
         }
 
         #[test]
         fn parser_survives_near_misses(
-            head in prop::sample::select(vec!["FIFOBIND", "DAEMON", "PORT", "OK", "END", "BYE", "ERR"]),
+            head in prop::sample::select(vec!["HELLO", "SESSION", "DAEMON", "PORT", "END", "BYE", "ERR"]),
             rest in "[ -~]{0,80}",
         ) {
             let line = format!("{head} {rest}");

@@ -42,9 +42,9 @@ use zeroize::Zeroizing;
 use crate::protocol::{Failure, MAX_LINE};
 
 /// The protocol version this module speaks.
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 /// The largest body of one frame. Data is cut into frames of at most this.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 const TAG: usize = 16;
 const HEADER: usize = 4;
 /// The largest sealed part of a frame: its kind byte, body and tag.
@@ -203,8 +203,8 @@ fn parse_greeting(line: &str, purpose: Purpose) -> Result<Vec<u8>, Failure> {
 /// An established channel: one sealer, one opener, and the exporter
 /// secret from which a session derives its streams' secrets.
 pub struct Channel {
-    pub sealer: Sealer,
-    pub opener: Opener,
+    pub(crate) sealer: Sealer,
+    pub(crate) opener: Opener,
     exporter: Zeroizing<[u8; 32]>,
 }
 
@@ -281,7 +281,7 @@ fn nonce(seq: u64) -> Nonce {
 }
 
 /// Seals frames of one direction, numbering them.
-pub struct Sealer {
+pub(crate) struct Sealer {
     cipher: ChaCha20Poly1305,
     seq: u64,
 }
@@ -296,7 +296,7 @@ impl Sealer {
 
     /// Appends `frame`, sealed, to `out`. A `Data` body longer than
     /// [`MAX_BODY`] is a bug of the caller's.
-    pub fn seal(&mut self, frame: &Frame, out: &mut Vec<u8>) {
+    pub(crate) fn seal(&mut self, frame: &Frame, out: &mut Vec<u8>) {
         let (kind, body): (u8, &[u8]) = match frame {
             Frame::Confirm => (CONFIRM, b"fifobind-2 confirm"),
             Frame::Line(l) => (LINE, l.as_bytes()),
@@ -308,7 +308,7 @@ impl Sealer {
     }
 
     /// Appends one `Data` frame holding `body` (at most [`MAX_BODY`]).
-    pub fn seal_data(&mut self, body: &[u8], out: &mut Vec<u8>) {
+    pub(crate) fn seal_data(&mut self, body: &[u8], out: &mut Vec<u8>) {
         self.seal_raw(DATA, body, out);
     }
 
@@ -335,7 +335,7 @@ impl Sealer {
 }
 
 /// Opens frames of one direction, in order.
-pub struct Opener {
+pub(crate) struct Opener {
     cipher: ChaCha20Poly1305,
     seq: u64,
 }
@@ -352,7 +352,7 @@ impl Opener {
     /// `Ok(None)` asks for more bytes, `Ok(Some((frame, used)))` says how
     /// many bytes it took. A frame that fails to open, or breaks a limit,
     /// is an error after which the connection is worthless.
-    pub fn open(&mut self, buf: &[u8]) -> Result<Option<(Frame, usize)>, Failure> {
+    pub(crate) fn open(&mut self, buf: &[u8]) -> Result<Option<(Frame, usize)>, Failure> {
         let Some(header) = buf.get(..HEADER) else {
             return Ok(None);
         };

@@ -18,12 +18,12 @@ use std::collections::VecDeque;
 
 /// What to do when the spool is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Full {
+pub(crate) enum Full {
     Block,
     DropOldest,
 }
 
-pub struct Spool {
+pub(crate) struct Spool {
     buf: VecDeque<u8>,
     /// Offset of `buf[0]`: everything before it is acknowledged.
     acked: u64,
@@ -36,7 +36,7 @@ pub struct Spool {
 }
 
 impl Spool {
-    pub fn new(limit: usize, policy: Full) -> Spool {
+    pub(crate) fn new(limit: usize, policy: Full) -> Spool {
         Spool {
             buf: VecDeque::new(),
             acked: 0,
@@ -49,32 +49,32 @@ impl Spool {
     }
 
     /// Offset just past the last byte taken in.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.acked + self.buf.len() as u64
     }
 
-    pub fn acked(&self) -> u64 {
+    pub(crate) fn acked(&self) -> u64 {
         self.acked
     }
 
     /// Offset just past the last byte sent on this connection.
-    pub fn sent_offset(&self) -> u64 {
+    pub(crate) fn sent_offset(&self) -> u64 {
         self.sent
     }
 
-    pub fn unacked(&self) -> usize {
+    pub(crate) fn unacked(&self) -> usize {
         self.buf.len()
     }
 
     /// Lines and bytes dropped so far under [`Full::DropOldest`].
-    pub fn dropped(&self) -> (u64, u64) {
+    pub(crate) fn dropped(&self) -> (u64, u64) {
         (self.dropped_lines, self.dropped_bytes)
     }
 
     /// How many bytes may be taken in now. Under [`Full::Block`] this is 0
     /// when full, and the caller stops reading its FIFO; under
     /// [`Full::DropOldest`] it is the room that dropping can make too.
-    pub fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         let free = self.limit.saturating_sub(self.buf.len());
         match self.policy {
             Full::Block => free,
@@ -113,7 +113,7 @@ impl Spool {
     /// Under [`Full::DropOldest`] it first drops the oldest unsent whole
     /// lines (or, when one unsent line fills the spool, unsent bytes) to
     /// make room.
-    pub fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         assert!(bytes.len() <= self.room(), "pushed past the spool's room");
         // Under DropOldest the spool may go over its limit by the rest of
         // one line half on the wire (see `drop_unsent`).
@@ -157,7 +157,7 @@ impl Spool {
     }
 
     /// The next bytes to send, at most `max`, as up to two slices.
-    pub fn unsent(&self, max: usize) -> (&[u8], &[u8]) {
+    pub(crate) fn unsent(&self, max: usize) -> (&[u8], &[u8]) {
         let start = (self.sent - self.acked) as usize;
         let (a, b) = self.buf.as_slices();
         let (a, b) = if start < a.len() {
@@ -171,14 +171,14 @@ impl Spool {
     }
 
     /// Marks `n` more bytes as sent.
-    pub fn sent(&mut self, n: usize) {
+    pub(crate) fn sent(&mut self, n: usize) {
         self.sent += n as u64;
         assert!(self.sent <= self.end(), "sent past the end");
     }
 
     /// The receiver has everything before `offset` in its FIFO: forget it.
     /// An offset outside `[acked, sent]` is a lie or a bug, and refused.
-    pub fn ack(&mut self, offset: u64) -> Result<(), String> {
+    pub(crate) fn ack(&mut self, offset: u64) -> Result<(), String> {
         if offset < self.acked || offset > self.sent {
             return Err(format!(
                 "acknowledgement of offset {offset} outside {}..={}",
@@ -193,7 +193,7 @@ impl Spool {
     /// After a reconnect: the receiver has everything before `offset`, so
     /// sending starts again there.
     /// An offset outside `[acked, sent]` is refused, as for an ack.
-    pub fn resume(&mut self, offset: u64) -> Result<(), String> {
+    pub(crate) fn resume(&mut self, offset: u64) -> Result<(), String> {
         self.ack(offset)?;
         self.sent = offset;
         Ok(())

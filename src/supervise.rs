@@ -21,7 +21,7 @@
 //!   a clean exit it finds no registry and ends; we wait for it.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,11 @@ pub(crate) const GRACE: Duration = Duration::from_millis(1500);
 /// How long a binding may take to say it is ready, beyond the time it is
 /// given to connect (pool(1), master(1)).
 pub(crate) const START_LIMIT: Duration = Duration::from_secs(10);
+/// The bindings a pool and a master start take their stream's secret on
+/// a descriptor (`--key-fd`) and speak the sealed stream protocol.
+/// Off, they are started as before protocol 2 and move the stream in
+/// clear text: for a bind-input and bind-output without `--key-fd`.
+pub(crate) const STREAM_KEYS: bool = true;
 
 /// A running pool or master: its bookkeeping and its children.
 pub(crate) struct Owner {
@@ -169,17 +174,25 @@ impl Owner {
     /// [`Owner::binding_dir`], waits until it is ready and registers it.
     /// A binding that says nothing within `limit` is stopped; so is one
     /// starting when a stop signal comes (the error then carries the
-    /// signal's status).
+    /// signal's status). A `secret` (its stream's) is handed over in hex
+    /// through a pipe it reads to end-of-file (`--key-fd`): never
+    /// in its arguments or environment.
     pub(crate) fn start_binding(
         &mut self,
         mut child: ChildBinding,
         name: &Id,
         limit: Duration,
+        secret: Option<&[u8]>,
     ) -> Result<ProcessId> {
         let fd = self.watchdog.read.as_raw_fd();
+        let key_pipe = secret.map(secret_pipe).transpose()?;
+        let key_fd = key_pipe.as_ref().map(|p| p.as_raw_fd());
         let common = child.common_mut();
         common.foreground = true;
         common.watchdog_fd = Some(fd);
+        if let Some(k) = key_fd {
+            child.set_key_fd(k);
+        }
         let args = child.to_args();
         let program = child.program();
         let mut cmd = Command::new(sibling(program));
@@ -187,14 +200,19 @@ impl Owner {
         // SAFETY: fcntl and sigprocmask are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                for fd in std::iter::once(fd).chain(key_fd) {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 crate::signals::unblock_in_child()
             });
         }
         let what = format!("{program} {}", args.join(" "));
-        let process = start_ready(&mut cmd, &what, limit, &self.signals)?;
+        let started = start_ready(&mut cmd, &what, limit, &self.signals);
+        // Ours closed: the child holds the only read end, or none.
+        drop(key_pipe);
+        let process = started?;
         self.register(Kind::Binding, process, name)?;
         Ok(process)
     }
@@ -296,6 +314,18 @@ fn claim_owner(dir: &RuntimeDir, role: &str) -> Result<(String, Claim)> {
         return Err(Error::io(format!("cannot write {}", path.display()), &e));
     }
     Ok((name, claim))
+}
+
+/// A pipe holding `secret` in hex, its write end closed: the read end,
+/// for a binding to read once. 64 bytes fit any pipe's buffer.
+fn secret_pipe(secret: &[u8]) -> Result<OwnedFd> {
+    let (read, write) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::nix("cannot create a pipe for a secret", e))?;
+    let text = zeroize::Zeroizing::new(hex::encode(secret));
+    File::from(write)
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::io("cannot write a secret into its pipe", &e))?;
+    Ok(read)
 }
 
 /// The read end is handed to every binding; the write end never leaves

@@ -13,17 +13,24 @@ fn key_never_reaches_a_binding_or_daemon() {
     let ddir = env.daemons(&[("dem1", "echo \"key=${FIFOBIND_KEY:-none}\"; exec sleep 60")]);
     let mut pool = env.spawn(
         Command::new(POOL)
-            .args(["-", &port.to_string()])
+            .args(["--once", "-", &port.to_string()])
             .env("FIFOBIND_KEY", "k12"),
     );
     ready(&pool);
     let mut master = env.spawn(
         Command::new(MASTER)
-            .args(["-", "127.0.0.1", &port.to_string(), ddir.to_str().unwrap()])
+            .args([
+                "--name",
+                "m",
+                "-",
+                "127.0.0.1",
+                &port.to_string(),
+                ddir.to_str().unwrap(),
+            ])
             .env("FIFOBIND_KEY", "k12"),
     );
     assert!(
-        pool.wait_stdout(PATIENCE, |s| s.starts_with("dem1 ")),
+        pool.wait_stdout(PATIENCE, |s| s.starts_with("m.dem1 ")),
         "{}",
         pool.describe()
     );

@@ -12,5 +12,6 @@ mod man;
 mod nats;
 mod operate;
 mod pool_master;
+mod protocol2;
 mod seed;
 mod streams;

@@ -115,7 +115,7 @@ fn pool_says_ready_once_listening_and_its_bindings_never_speak_for_it() {
     let port = free_port();
     let mut pool = env.spawn(
         Command::new(POOL)
-            .args(["k3y", &port.to_string()])
+            .args(["--once", "k3y", &port.to_string()])
             .env("NOTIFY_SOCKET", &notify.path),
     );
     let seen = notify.wait_for("READY=1");
@@ -129,8 +129,8 @@ fn pool_says_ready_once_listening_and_its_bindings_never_speak_for_it() {
     let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
     let out = env.run_master("k3y", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
-    assert_eq!(read_lines(&env.fifo("d2"), 1), ["two"]);
+    assert_eq!(read_lines(&env.fifo("m.d1"), 1), ["one"]);
+    assert_eq!(read_lines(&env.fifo("m.d2"), 1), ["two"]);
     pool.assert_ends_ok();
     // Whatever else arrived came from the pool itself, never from one of
     // the bindings it started (they must not inherit NOTIFY_SOCKET).
@@ -277,7 +277,7 @@ fn pool_serves_the_socket_of_systemd_socket_activate() {
     let env = Env::new();
     let port = free_port();
     let p = port.to_string();
-    let mut pool = socket_activate(&env, port, &[POOL, "k3y", &p]);
+    let mut pool = socket_activate(&env, port, &[POOL, "--once", "k3y", &p]);
     let ddir = env.daemons(&[("d1", "echo one")]);
     let out = env.run_master("k3y", port, &ddir);
     assert!(
@@ -286,9 +286,9 @@ fn pool_serves_the_socket_of_systemd_socket_activate() {
         describe(&out),
         pool.describe()
     );
-    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    assert_eq!(read_lines(&env.fifo("m.d1"), 1), ["one"]);
     pool.assert_ends_ok();
-    assert!(pool.stdout().starts_with("d1 "), "{}", pool.describe());
+    assert!(pool.stdout().starts_with("m.d1 "), "{}", pool.describe());
     env.assert_clean();
 }
 
@@ -370,18 +370,18 @@ fn a_pool_and_its_bindings_log_with_priorities_under_journal_stream() {
     let env = Env::new();
     let port = free_port();
     let mut pool = env.spawn_bash(&format!(
-        "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec pool k3y {port}"
+        "JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec pool --once k3y {port}"
     ));
     ready(&pool);
     let ddir = env.daemons(&[("d1", "echo one")]);
     let out = env.run_master("k3y", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
-    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    assert_eq!(read_lines(&env.fifo("m.d1"), 1), ["one"]);
     pool.assert_ends_ok();
     let err = pool.stderr();
     assert!(unprefixed(&err).is_empty(), "{err}");
     // The binding's own line, through the stream it inherited.
-    assert!(err.contains("<6>d1 listening on port"), "{err}");
+    assert!(err.contains("<6>m.d1 listening on port"), "{err}");
     env.assert_clean();
 }
 
@@ -549,8 +549,8 @@ fn list_shows_a_pool_a_master_and_their_bindings_and_stop_ends_the_master() {
     let pool = env.pool(&["k3y", &port.to_string()]);
     let ddir = env.daemons(&[("d1", "echo one; exec sleep 60")]);
     let mut master = env.spawn_master("k3y", port, &ddir);
-    assert!(wait_for(PATIENCE, || env.fifo("d1").exists()));
-    assert_eq!(read_lines(&env.fifo("d1"), 1), ["one"]);
+    assert!(wait_for(PATIENCE, || env.fifo("m.d1").exists()));
+    assert_eq!(read_lines(&env.fifo("m.d1"), 1), ["one"]);
     let pool_name = format!("pool@{}", pool.pid());
     let master_name = format!("master@{}", master.pid());
     let e = wait_entry(&env, &pool_name, None, |_| true);
@@ -560,9 +560,9 @@ fn list_shows_a_pool_a_master_and_their_bindings_and_stop_ends_the_master() {
     let e = wait_entry(&env, &master_name, None, |_| true);
     assert_eq!(e["kind"], "master");
     assert_eq!(e["host"], "127.0.0.1");
-    let e = wait_entry(&env, "d1", None, |e| e["bytes_out"] == 4);
+    let e = wait_entry(&env, "m.d1", None, |e| e["bytes_out"] == 4);
     assert_eq!(e["kind"], "bind-input");
-    let e = wait_entry(&env, "d1", Some(&master_name), |e| e["bytes_out"] == 4);
+    let e = wait_entry(&env, "m.d1", Some(&master_name), |e| e["bytes_out"] == 4);
     assert_eq!(e["kind"], "bind-output");
     // The daemon holds the master's FIFO for writing.
     assert_eq!(e["writer"], true, "{e:#}");
@@ -784,26 +784,52 @@ fn the_pool_unit_runs_as_systemd_would_run_it() {
     std::fs::write(env.tmp().join("key"), "k3y\n").unwrap();
     let exec = unit_value(&unit, "ExecStart");
     let script = exec
-        .strip_prefix("/bin/sh -c '")
+        .strip_prefix("/bin/bash -c '")
         .and_then(|s| s.strip_suffix('\''))
-        .expect("ExecStart=/bin/sh -c '...'");
+        .expect("ExecStart=/bin/bash -c '...'");
     let notify = NotifySocket::new(&env);
     let mut service = env.spawn(
-        Command::new("/bin/sh")
+        Command::new("/bin/bash")
             .args(["-c", script])
             .env("NOTIFY_SOCKET", &notify.path),
     );
     notify.wait_for("READY=1");
     TcpStream::connect(("127.0.0.1", port)).expect("READY=1 means listening");
     let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
-    let out = env.run_master("k3y", port, &ddir);
-    assert!(out.status.success(), "{}", describe(&out));
-    service.assert_ends_ok();
-    let logs = env.tmp().join("log");
-    for (name, line) in [("d1", "one"), ("d2", "two")] {
-        let text = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
-        assert!(text.trim_end().ends_with(&format!(" {line}")), "{text}");
+    // Two masters one after the other: the pool keeps serving.
+    for _ in 0..2 {
+        let out = env.run_master("k3y", port, &ddir);
+        assert!(out.status.success(), "{}", describe(&out));
     }
+    let logs = env.tmp().join("log");
+    let logged = |name: &str, line: &str| {
+        let text = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.ends_with(&format!(" {line}")))
+            .count()
+            == 2
+    };
+    assert!(
+        wait_for(PATIENCE, || logged("m.d1", "one") && logged("m.d2", "two")),
+        "{}",
+        service.describe()
+    );
+    // Stopped, the pool exits 143, which the unit counts as success; the
+    // pipeline (pipefail) passes that status on.
+    let pool = std::fs::read_dir(&env.dir)
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix(".pool@")?
+                .strip_suffix(".lock")?
+                .parse::<i32>()
+                .ok()
+        })
+        .expect("the pool's claim");
+    kill(pool, libc::SIGTERM);
+    let status = service.wait(PATIENCE).expect("the unit's command ends");
+    assert_eq!(status.code(), Some(143), "{}", service.describe());
     env.assert_clean();
 }
 
@@ -821,6 +847,8 @@ fn master_says_ready_once_its_daemons_run_and_they_do_not_inherit_notify_socket(
     let mut master = env.spawn(
         Command::new(MASTER)
             .args([
+                "--name",
+                "m",
                 "k3y",
                 "127.0.0.1",
                 &port.to_string(),
@@ -835,7 +863,7 @@ fn master_says_ready_once_its_daemons_run_and_they_do_not_inherit_notify_socket(
         "{seen:?}"
     );
     assert!(
-        consumer.wait_stdout(PATIENCE, |s| s.contains("[d1] socket=none")),
+        consumer.wait_stdout(PATIENCE, |s| s.contains("[m.d1] socket=none")),
         "{}",
         consumer.describe()
     );

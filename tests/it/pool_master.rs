@@ -26,6 +26,8 @@ fn seed_example_master_to_pool() {
     let master_out = env.run(
         MASTER,
         &[
+            "--name",
+            "m",
             "k12",
             "localhost",
             &port.to_string(),
@@ -49,17 +51,19 @@ fn seed_example_master_to_pool() {
     assert!(status.success(), "{}", pool.describe());
     let out = pool.stdout();
     for name in ["dem1", "dem2"] {
-        let fifo = env.fifo(name);
+        // The stream of daemon NAME of session m.
+        let stream = format!("m.{name}");
+        let fifo = env.fifo(&stream);
         assert!(
-            out.contains(&format!("pool: {name} ")) && out.contains(fifo.to_str().unwrap()),
+            out.contains(&format!("pool: {stream} ")) && out.contains(fifo.to_str().unwrap()),
             "{out}"
         );
         let lines: Vec<&str> = out
             .lines()
-            .filter(|l| l.starts_with(&format!("[{name}]")))
+            .filter(|l| l.starts_with(&format!("[{stream}]")))
             .collect();
         let want: Vec<String> = (1..=5)
-            .map(|i| format!("[{name}] {name} line {i}"))
+            .map(|i| format!("[{stream}] {name} line {i}"))
             .collect();
         assert_eq!(lines, want, "{out}");
     }
@@ -72,11 +76,11 @@ fn pool_announces_bindings_in_its_port_range() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("a", "echo one"), ("b", "echo two")]);
-    let mut pool = env.pool(&["--ports", "41000-41999", "k", &port.to_string()]);
+    let mut pool = env.pool(&["--once", "--ports", "41000-41999", "k", &port.to_string()]);
     let out = env.run_master("k", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
     // Nobody reads the FIFOs here: read them so the bindings can finish.
-    for name in ["a", "b"] {
+    for name in ["m.a", "m.b"] {
         assert!(
             pool.wait_stdout(PATIENCE, |s| s.contains(&format!("{name} "))),
             "{}",
@@ -111,10 +115,20 @@ fn wrong_key_is_refused_then_right_key_served() {
         pool.wait(Duration::from_millis(200)).is_none(),
         "the pool must keep waiting"
     );
-    let good = env.run_master("k12", port, &ddir);
+    // The wrong key holds the address back a second (75 meanwhile).
+    let mut good = env.run_master("k12", port, &ddir);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while good.status.code() == Some(75) && std::time::Instant::now() < deadline {
+        assert!(
+            String::from_utf8_lossy(&good.stderr).contains("too many wrong keys from 127.0.0.1"),
+            "{}",
+            describe(&good)
+        );
+        good = env.run_master("k12", port, &ddir);
+    }
     assert!(good.status.success(), "{}", describe(&good));
     pool.assert_ends_ok();
-    assert!(pool.stdout().contains("[dem1] hi"), "{}", pool.describe());
+    assert!(pool.stdout().contains("[m.dem1] hi"), "{}", pool.describe());
     assert!(pool.stderr().contains("wrong key"), "{}", pool.describe());
     env.assert_clean();
 }
@@ -136,6 +150,8 @@ fn key_from_file_and_environment() {
     let out = env.run(
         MASTER,
         &[
+            "--name",
+            "m",
             "--key-file",
             keyfile.to_str().unwrap(),
             "-",
@@ -146,7 +162,7 @@ fn key_from_file_and_environment() {
     );
     assert!(out.status.success(), "{}", describe(&out));
     pool.assert_ends_ok();
-    assert!(pool.stdout().contains("[dem1] hi"));
+    assert!(pool.stdout().contains("[m.dem1] hi"));
     // `-` with no source of a key is a usage error.
     let none = env.run_master("-", port, &ddir);
     assert_eq!(none.status.code(), Some(2), "{}", describe(&none));
@@ -169,7 +185,7 @@ fn failing_daemon_makes_master_exit_1() {
     );
     pool.assert_ends_ok();
     // The failing daemon's output still arrived.
-    assert!(pool.stdout().contains("[bad] oops") && pool.stdout().contains("[good] fine"));
+    assert!(pool.stdout().contains("[m.bad] oops") && pool.stdout().contains("[m.good] fine"));
     env.assert_clean();
 }
 
@@ -221,16 +237,16 @@ fn sigterm_to_master_stops_daemons_with_their_children() {
     ready(&pool);
     let mut master = env.spawn_master("k", port, &ddir);
     assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("[d1] tick")
-            && s.contains("[d2] tick")),
+        pool.wait_stdout(PATIENCE, |s| s.contains("[m.d1] tick")
+            && s.contains("[m.d2] tick")),
         "{}\n{}",
         pool.describe(),
         master.describe()
     );
     kill(master.pid(), libc::SIGTERM);
-    let status = master
-        .wait(Duration::from_secs(5))
-        .expect("master stops within seconds");
+    // Its keyed bindings first send what they hold (a loaded machine is
+    // slow, not wrong: the bound is the harness's patience).
+    let status = master.wait(PATIENCE).expect("master stops");
     assert_eq!(
         status.code(),
         Some(128 + libc::SIGTERM),
@@ -251,7 +267,7 @@ fn sigterm_to_pool_stops_its_bindings() {
     let mut pool = env.pool(&["k", &port.to_string()]);
     let mut master = env.spawn_master("k", port, &ddir);
     assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("d1 ")),
+        pool.wait_stdout(PATIENCE, |s| s.contains("m.d1 ")),
         "{}",
         pool.describe()
     );
@@ -270,7 +286,7 @@ fn sigterm_to_pool_stops_its_bindings() {
     );
     // Gone when the pool has exited, not a moment later.
     assert!(!alive(binding_pid) && !alive(guardian));
-    assert!(!env.fifo("d1").exists());
+    assert!(!env.fifo("m.d1").exists());
     // With its pool gone, the master's binding sees the remote close; the
     // master stops that daemon and exits.
     let status = master
@@ -308,6 +324,8 @@ fn two_hosts_in_network_namespaces() {
                 "exec",
                 &net.a,
                 MASTER,
+                "--name",
+                "m",
                 "k12",
                 &net.addr_b,
                 &port.to_string(),
@@ -325,7 +343,7 @@ fn two_hosts_in_network_namespaces() {
     for name in ["dem1", "dem2"] {
         for i in 1..=3 {
             assert!(
-                text.contains(&format!("[{name}] {name} line {i}")),
+                text.contains(&format!("[m.{name}] {name} line {i}")),
                 "{text}"
             );
         }
@@ -333,7 +351,7 @@ fn two_hosts_in_network_namespaces() {
     // The pool restricted each binding to the master's address.
     assert!(
         pool.stderr()
-            .contains(&format!("master {} authenticated", net.addr_a)),
+            .contains(&format!("master {} authenticated: session m", net.addr_a)),
         "{}",
         pool.describe()
     );

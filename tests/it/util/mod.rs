@@ -9,6 +9,7 @@ mod procs;
 mod read;
 mod skip;
 mod spawned;
+mod wire;
 
 pub use binding::*;
 pub use env::*;
@@ -18,3 +19,4 @@ pub use procs::*;
 pub use read::*;
 pub use skip::*;
 pub use spawned::*;
+pub use wire::*;

@@ -43,10 +43,11 @@ impl Env {
     }
 }
 
-/// A bash consumer as in pool(1): one reader per daemon, tagging lines.
+/// A bash consumer as in pool(1): one reader per daemon, tagging lines;
+/// its pool serves one session (`--once`), so that it ends.
 pub fn consumer(port: u16, key: &str) -> String {
     format!(
-        r#"pool {key} {port} | while read -r name port fifo; do
+        r#"pool --once {key} {port} | while read -r name port fifo; do
             echo "pool: $name $port $fifo"
             while IFS= read -r line; do echo "[$name] $line"; done < "$fifo" &
         done
@@ -135,9 +136,12 @@ pub fn guardian_of(owner: i32, registered: &[RegEntry]) -> i32 {
     guardian
 }
 
-/// A master's arguments for the pool on this machine's `port`.
+/// A master's arguments for the pool on this machine's `port`; its
+/// session is named `m`, so its daemons' streams are `m.DAEMON`.
 fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<String> {
     vec![
+        "--name".to_string(),
+        "m".to_string(),
         key.to_string(),
         "127.0.0.1".to_string(),
         port.to_string(),
