@@ -222,6 +222,31 @@ enum Phase {
     Flushing(Instant),
 }
 
+impl Phase {
+    /// The phase after a stop event (if any), for both sending loops:
+    /// SIGUSR1 drains to end-of-file, any other stop flushes what the FIFO
+    /// holds for at most [`FLUSH_LIMIT`]. Either way the FIFO goes, so no
+    /// new writer can open it.
+    fn after(reason: Option<Reason>, phase: Phase, binding: &mut Binding) -> Phase {
+        match (reason, phase) {
+            (None, _) | (Some(Reason::Drain), Phase::Draining) => phase,
+            (Some(Reason::Drain), _) => {
+                log::info!("draining: {}", Reason::Drain);
+                // Without our write end, end-of-file comes once the writers
+                // that have it open (a daemon's children too) are all done.
+                binding.fifo.remove();
+                binding.fifo.close_writer();
+                Phase::Draining
+            }
+            (Some(reason), _) => {
+                log::info!("stopping: {reason}");
+                binding.fifo.remove();
+                Phase::Flushing(Instant::now() + FLUSH_LIMIT)
+            }
+        }
+    }
+}
+
 impl Outbound<'_> {
     fn serve(&mut self, stop: &StopEvents) -> Result<()> {
         let mut phase = Phase::Running;
@@ -258,24 +283,7 @@ impl Outbound<'_> {
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
 
             if let Some(slots) = stop_slots {
-                match (stop.check(&set, slots), phase) {
-                    (None, _) | (Some(Reason::Drain), Phase::Draining) => {}
-                    (Some(Reason::Drain), _) => {
-                        log::info!("draining: {}", Reason::Drain);
-                        // No new writer can open the FIFO now; without our
-                        // write end, end-of-file comes once the writers
-                        // that have it open (a daemon's children too) are
-                        // all done.
-                        self.binding.fifo.remove();
-                        self.binding.fifo.close_writer();
-                        phase = Phase::Draining;
-                    }
-                    (Some(reason), _) => {
-                        log::info!("stopping: {reason}");
-                        self.binding.fifo.remove();
-                        phase = Phase::Flushing(Instant::now() + FLUSH_LIMIT);
-                    }
-                }
+                phase = Phase::after(stop.check(&set, slots), phase, self.binding);
             }
             let sock = set.revents(sock_slot);
             if sock & (IN | TROUBLE) != 0
@@ -635,20 +643,7 @@ impl Sender<'_> {
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
 
             if let Some(slots) = stop_slots {
-                match (stop.check(&set, slots), phase) {
-                    (None, _) | (Some(Reason::Drain), Phase::Draining) => {}
-                    (Some(Reason::Drain), _) => {
-                        log::info!("draining: {}", Reason::Drain);
-                        self.binding.fifo.remove();
-                        self.binding.fifo.close_writer();
-                        phase = Phase::Draining;
-                    }
-                    (Some(reason), _) => {
-                        log::info!("stopping: {reason}");
-                        self.binding.fifo.remove();
-                        phase = Phase::Flushing(Instant::now() + FLUSH_LIMIT);
-                    }
-                }
+                phase = Phase::after(stop.check(&set, slots), phase, self.binding);
             }
             let fifo_ready = fifo_slot.is_some_and(|slot| set.revents(slot) != 0);
             if (fifo_ready || flushing) && !fifo_eof {
