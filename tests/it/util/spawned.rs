@@ -93,7 +93,9 @@ impl Spawned {
     /// Asserts that it ends within [`PATIENCE`] with status 128 + `sig`,
     /// as pool and master do when a signal stops them.
     pub fn assert_stopped_by(&mut self, sig: i32) {
-        let status = self.wait(PATIENCE).expect("it ends");
+        let Some(status) = self.wait(PATIENCE) else {
+            panic!("still running {PATIENCE:?} after the signal\n{}", self.describe());
+        };
         assert_eq!(status.code(), Some(128 + sig), "{}", self.describe());
     }
 
