@@ -45,8 +45,27 @@ pub(crate) const LINE_BUFFER: usize = 128 * 1024;
 /// [`MAX_GROWN`] connections at once, so memory stays bounded.
 const BULK_BUFFER: usize = 1024 * 1024;
 const MAX_GROWN: usize = 8;
-/// Connections holding a bulk buffer now. The relay is one thread.
-static GROWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// How many of one relay's connections hold a bulk buffer now: shared by
+/// the relay and its connections (one thread), so a connection that ends
+/// gives its place back when it is dropped.
+#[derive(Clone, Default)]
+struct BulkBudget(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl BulkBudget {
+    /// Takes a place if one of the [`MAX_GROWN`] is free.
+    fn take(&self) -> bool {
+        let n = self.0.get();
+        let free = n < MAX_GROWN;
+        if free {
+            self.0.set(n + 1);
+        }
+        free
+    }
+
+    fn give_back(&self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
 /// The default `--line-timeout` (without `--once`).
@@ -147,6 +166,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             arrived: false,
             streams: Streams::default(),
             once_stream: None,
+            bulk: BulkBudget::default(),
             penalties: crate::penalty::Penalties::new(PENALTY_BASE, PENALTY_MAX, 4096),
             opts: &opts,
         };
@@ -195,6 +215,8 @@ pub(crate) fn atomic_size(capacity: usize) -> usize {
 }
 
 struct Client {
+    /// Its relay's bulk-buffer places.
+    bulk: BulkBudget,
     token: u64,
     stream: TcpStream,
     peer: SocketAddr,
@@ -268,8 +290,15 @@ impl Keyed {
 }
 
 impl Client {
-    fn new(token: u64, stream: TcpStream, peer: SocketAddr, key: Option<&Key>) -> Client {
+    fn new(
+        token: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+        key: Option<&Key>,
+        bulk: BulkBudget,
+    ) -> Client {
         Client {
+            bulk,
             token,
             stream,
             peer,
@@ -341,13 +370,8 @@ impl Client {
         let n = self.stream.read(self.lines.space())?;
         self.lines.filled(n);
         self.received += n as u64;
-        if self.lines.is_full() && self.lines.capacity() < BULK_BUFFER {
-            use std::sync::atomic::Ordering;
-            if GROWN.fetch_add(1, Ordering::Relaxed) < MAX_GROWN {
-                self.lines.grow(BULK_BUFFER);
-            } else {
-                GROWN.fetch_sub(1, Ordering::Relaxed);
-            }
+        if self.lines.is_full() && self.lines.capacity() < BULK_BUFFER && self.bulk.take() {
+            self.lines.grow(BULK_BUFFER);
         }
         Ok(n)
     }
@@ -363,7 +387,7 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         if self.lines.capacity() == BULK_BUFFER {
-            GROWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.bulk.give_back();
         }
     }
 }
@@ -410,6 +434,7 @@ struct Inbound<'a> {
     /// no longer applies); which one (no other is taken).
     arrived: bool,
     once_stream: Option<String>,
+    bulk: BulkBudget,
     /// With a key: the offset of every stream seen.
     streams: Streams,
     /// With a key: addresses held back after wrong keys.
@@ -792,7 +817,13 @@ impl Inbound<'_> {
             }
             self.accept_warned = false;
             *self.per_addr.entry(from).or_default() += 1;
-            let mut conn = Client::new(self.next_token, stream, peer, self.opts.key.as_ref());
+            let mut conn = Client::new(
+                self.next_token,
+                stream,
+                peer,
+                self.opts.key.as_ref(),
+                self.bulk.clone(),
+            );
             // Our greeting: a fresh socket takes it whole.
             conn.flush();
             self.conns.push(conn);

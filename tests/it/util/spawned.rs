@@ -94,7 +94,10 @@ impl Spawned {
     /// as pool and master do when a signal stops them.
     pub fn assert_stopped_by(&mut self, sig: i32) {
         let Some(status) = self.wait(PATIENCE) else {
-            panic!("still running {PATIENCE:?} after the signal\n{}", self.describe());
+            panic!(
+                "still running {PATIENCE:?} after the signal\n{}",
+                self.describe()
+            );
         };
         assert_eq!(status.code(), Some(128 + sig), "{}", self.describe());
     }
