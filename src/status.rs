@@ -139,12 +139,14 @@ fn run() {
         std::thread::sleep(PERIOD);
         let now = figures();
         if now != last {
-            last = now;
             // Under the lock: `finish` cannot remove the file meanwhile.
+            // A write that failed (a sweep took the temporary file, say)
+            // is tried again next period, not only at the next change.
             if let Some(p) = lock().as_ref()
                 && !STOPPED.load(Ordering::Relaxed)
+                && p.write()
             {
-                p.write();
+                last = now;
             }
         }
     }
@@ -159,7 +161,8 @@ fn figures() -> [u64; 3] {
 }
 
 impl Publisher {
-    fn write(&self) {
+    /// Publishes the figures; false if the file could not be replaced.
+    fn write(&self) -> bool {
         let mut object = self.fixed.clone();
         object.insert("peers".into(), self.peers.clone().into());
         object.insert("bytes_in".into(), BYTES_IN.load(Ordering::Relaxed).into());
@@ -179,14 +182,15 @@ impl Publisher {
             .open(&tmp)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .and_then(|()| fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
+        if let Err(e) = &written {
             let _ = fs::remove_file(&tmp);
             log::debug!(
                 "cannot write {}: {}",
                 self.path.display(),
-                crate::error::describe_io(&e)
+                crate::error::describe_io(e)
             );
         }
+        written.is_ok()
     }
 }
 
