@@ -60,15 +60,7 @@ impl Claim {
 
     fn lock(path: &Path, want_owner: bool) -> Result<Claim, Refused> {
         loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(path)
-                .map_err(Refused::Io)?;
+            let file = open_private(path).map_err(Refused::Io)?;
             let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => lock,
                 Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -114,6 +106,19 @@ impl Claim {
     pub(crate) fn release(self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Opens, creating it if need be, a bookkeeping file of ours: mode 0600,
+/// never through a symbolic link, not inherited by children.
+pub(crate) fn open_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 fn read_owner(file: &mut File) -> Option<ProcessId> {

@@ -17,12 +17,13 @@
 //! Lines go into the FIFO as bind-input writes them: whole, as far as the
 //! kernel takes them whole ([`PipeRoom`]).
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -35,7 +36,7 @@ use crate::nats::cli::{Deliver, Subject};
 use crate::nats::connect::{Settings, js_error};
 use crate::nats::events::{self, AsyncStop, Fd};
 use crate::nats::output::runtime;
-use crate::nats::position::Position;
+use crate::nats::position::{DATA, MAX_LINES, Position};
 
 /// Messages pulled at once, at most: what the binding holds for a slow
 /// reader.
@@ -229,6 +230,11 @@ async fn serve(
                 &binding.dir.dotfile(binding.id.as_str(), "nats"),
                 &stream_name,
                 &consumer_name,
+                &stream
+                    .cached_info()
+                    .created
+                    .unix_timestamp_nanos()
+                    .to_string(),
             )?;
             log::info!("consumer {consumer_name} of stream {stream_name}");
             Source::JetStream {
@@ -257,6 +263,7 @@ async fn serve(
         room: PipeRoom::new(binding.fifo.capacity(), page),
         capacity: binding.fifo.capacity(),
         line: Vec::new(),
+        spliced: Spliced::new(binding.fifo.capacity(), page),
     };
     let unread = || binding.fifo.unread();
     let reason = loop {
@@ -294,8 +301,8 @@ async fn receive(
             position,
             resume_until,
         } => {
-            let message = match messages.next().await {
-                Some(Ok(m)) => m,
+            let mut batch = match messages.next().await {
+                Some(Ok(m)) => vec![m],
                 Some(Err(e)) => {
                     // Missed heartbeats in an outage: the stream carries on
                     // once the client has reconnected.
@@ -310,18 +317,50 @@ async fn receive(
                     ));
                 }
             };
-            let (seq, delivered) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.delivered),
-                Err(_) => (0, 1),
-            };
-            if (delivered > 1 || seq <= *resume_until) && position.written(seq) {
-                log::info!("message {seq} was written before a restart: acknowledged only");
-            } else {
-                writer.write(&message.payload, unread).await?;
-                position.record(seq);
+            // What else has come already goes in with it: a splice takes
+            // a pipe slot of its own, so lines spliced one by one would
+            // fill the FIFO with a few hundred of them.
+            let mut bytes = batch[0].payload.len();
+            while batch.len() < MAX_LINES && bytes < writer.spliced.chunk {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => {
+                        bytes += m.payload.len() + 1;
+                        batch.push(m);
+                    }
+                    Some(Some(Err(e))) => {
+                        log::warn!("consuming: {e}");
+                        break;
+                    }
+                    _ => break,
+                }
             }
-            if let Err(e) = message.ack().await {
-                log::warn!("cannot acknowledge message {seq}: {e}");
+            let mut lines = Vec::with_capacity(batch.len());
+            for message in &batch {
+                let (seq, delivered) = match message.info() {
+                    Ok(info) => (info.stream_sequence, info.delivered),
+                    Err(_) => (0, 1),
+                };
+                let line = message.payload.len() as u64 + 1;
+                match position.resumed(seq) {
+                    Some(rest) => {
+                        let done = line.saturating_sub(rest);
+                        log::info!(
+                            "message {seq}: {done} of its {line} bytes were written before a \
+                             restart: writing the rest"
+                        );
+                        lines.push((seq, &message.payload[..], done as usize));
+                    }
+                    None if (delivered > 1 || seq <= *resume_until) && position.written(seq) => {
+                        log::info!("message {seq} was written before a restart: acknowledged only");
+                    }
+                    None => lines.push((seq, &message.payload[..], 0)),
+                }
+            }
+            writer.splice(position, &lines, unread).await?;
+            for message in &batch {
+                if let Err(e) = message.ack().await {
+                    log::warn!("cannot acknowledge a message: {e}");
+                }
             }
             Ok(())
         }
@@ -334,6 +373,7 @@ struct LineWriter {
     room: PipeRoom,
     capacity: usize,
     line: Vec<u8>,
+    spliced: Spliced,
 }
 
 impl LineWriter {
@@ -362,16 +402,204 @@ impl LineWriter {
                     Err(e) => return Err(Error::io("cannot write into the FIFO", &e)),
                 }
             }
-            tokio::select! {
-                guard = self.watch.writable() => {
-                    if let Ok(mut guard) = guard {
-                        guard.clear_ready();
-                    }
-                }
-                () = tokio::time::sleep(ROOM_CHECK) => {}
-            }
+            self.wait().await;
         }
         crate::status::add_in(payload.len());
         Ok(())
+    }
+
+    /// Until the FIFO may have more room.
+    async fn wait(&self) {
+        tokio::select! {
+            guard = self.watch.writable() => {
+                if let Ok(mut guard) = guard {
+                    guard.clear_ready();
+                }
+            }
+            () = tokio::time::sleep(ROOM_CHECK) => {}
+        }
+    }
+
+    /// Splices `lines` (stream sequence, payload, bytes of its line in
+    /// the FIFO already: a killed binding's cut line) into the FIFO from
+    /// `position`'s data area, each with a newline, waiting for room, and
+    /// records each once whole. What went in is in `position` at every
+    /// instant, whatever stops it.
+    async fn splice(
+        &mut self,
+        position: &mut Position,
+        lines: &[(u64, &[u8], usize)],
+        unread: &impl Fn() -> usize,
+    ) -> Result<()> {
+        self.line.clear();
+        // Where in `self.line` each line ends.
+        let mut ends = Vec::with_capacity(lines.len());
+        for &(seq, payload, done) in lines {
+            let start = self.line.len();
+            self.line.extend_from_slice(payload);
+            self.line.push(b'\n');
+            self.line.drain(start..start + done.min(payload.len() + 1));
+            ends.push((seq, self.line.len() as u64));
+        }
+        let mut from = 0;
+        let mut recorded = 0;
+        while from < self.line.len() {
+            // A piece: a chunk of the lines; its entries are the lines it
+            // holds a part of, each ending where it ends (past the piece
+            // for one that goes on).
+            let to = self.line.len().min(from + self.spliced.chunk);
+            let piece = &self.line[from..to];
+            let entries: Vec<(u64, u64)> = ends
+                .iter()
+                .enumerate()
+                .filter(|&(i, &(_, end))| {
+                    let start = if i == 0 { 0 } else { ends[i - 1].1 };
+                    end > from as u64 && start < to as u64
+                })
+                .map(|(_, &(seq, end))| (seq, end - from as u64))
+                .collect();
+            let at = loop {
+                self.spliced.unread(unread());
+                if let Some(at) = self.spliced.place(piece.len()) {
+                    break at;
+                }
+                self.wait().await;
+            };
+            position.put(at, piece, &entries);
+            self.spliced.head = at + piece.len() as u64;
+            let mut off = 0;
+            while off < piece.len() {
+                self.spliced.unread(unread());
+                let rest = piece.len() - off;
+                let room = self.spliced.room(at + off as u64);
+                // Whole lines, as far as the FIFO's slots take them.
+                let n = if rest as u64 <= room {
+                    rest
+                } else {
+                    entries
+                        .iter()
+                        .map(|&(_, end)| end as usize)
+                        .filter(|&end| end > off && ((end - off) as u64) <= room)
+                        .max()
+                        .map_or(0, |end| end - off)
+                };
+                if n > 0 {
+                    match position.splice(self.fd, n) {
+                        Ok(0) => {
+                            return Err(Error::new(
+                                ExitStatus::IoErr,
+                                "cannot splice a line into the FIFO: its record ended",
+                            ));
+                        }
+                        Ok(n) => {
+                            self.spliced.spliced(at + off as u64, n);
+                            crate::status::add_out(n);
+                            off += n;
+                            while let Some(&(seq, end)) = ends.get(recorded)
+                                && end <= (from + off) as u64
+                            {
+                                position.record(seq);
+                                recorded += 1;
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(Error::io("cannot splice a line into the FIFO", &e)),
+                    }
+                }
+                self.wait().await;
+            }
+            from = to;
+        }
+        for &(_, payload, _) in lines {
+            crate::status::add_in(payload.len());
+        }
+        Ok(())
+    }
+}
+
+/// What the FIFO holds of the lines spliced from the data area: the
+/// pieces not read to their end yet, each a span of the area and one
+/// pipe slot per page it touches (a spliced page is never merged with
+/// another write, as written ones are). Bytes other writers put in make
+/// it see the FIFO fuller than it is, never emptier: the data area is
+/// written over only where the FIFO is surely past.
+struct Spliced {
+    page: u64,
+    slots: u64,
+    /// Longest piece of a line put in at once: a line up to this long
+    /// goes in whole, as a written one up to the pipe's size does.
+    chunk: usize,
+    /// Where in the data area (counted on, not wrapped) the next piece
+    /// goes.
+    head: u64,
+    /// Bytes spliced in all.
+    total: u64,
+    /// (start in the area, `total` at its end, slots).
+    pieces: VecDeque<(u64, u64, u64)>,
+    used: u64,
+}
+
+impl Spliced {
+    fn new(capacity: usize, page: usize) -> Spliced {
+        Spliced {
+            page: page as u64,
+            slots: (capacity / page) as u64,
+            // A page less than the pipe: a piece fits it from any start.
+            chunk: (capacity - page).min(DATA as usize / 2),
+            head: 0,
+            total: 0,
+            pieces: VecDeque::new(),
+            used: 0,
+        }
+    }
+
+    /// The FIFO holds `unread` bytes now (FIONREAD).
+    fn unread(&mut self, unread: usize) {
+        let consumed = self.total.saturating_sub(unread as u64);
+        while let Some(&(_, end, slots)) = self.pieces.front() {
+            if end > consumed {
+                break;
+            }
+            self.pieces.pop_front();
+            self.used -= slots;
+        }
+    }
+
+    fn span(&self, at: u64, len: usize) -> u64 {
+        (at + len as u64 - 1) / self.page - at / self.page + 1
+    }
+
+    /// How many bytes from `at` on the FIFO's free slots take.
+    fn room(&self, at: u64) -> u64 {
+        if self.pieces.is_empty() {
+            return u64::MAX;
+        }
+        match self.slots.saturating_sub(self.used) {
+            0 => 0,
+            free => (at / self.page + free) * self.page - at,
+        }
+    }
+
+    /// Where a piece of `len` bytes goes: right after the last one,
+    /// or at the area's start if it would cross the end; None while the
+    /// FIFO may still hold that place's bytes.
+    fn place(&self, len: usize) -> Option<u64> {
+        let len = len as u64;
+        let mut at = self.head;
+        if at % DATA + len > DATA {
+            at = at.next_multiple_of(DATA);
+        }
+        let tail = self.pieces.front().map_or(at, |&(start, _, _)| start);
+        (at + len - tail <= DATA).then_some(at)
+    }
+
+    /// `n` bytes at `at` went in.
+    fn spliced(&mut self, at: u64, n: usize) {
+        let slots = self.span(at, n);
+        self.total += n as u64;
+        self.pieces.push_back((at, self.total, slots));
+        self.used += slots;
     }
 }

@@ -371,6 +371,75 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
     assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
 }
 
+/// The kill of the test above, many times in one run and wherever the
+/// consumer is at that instant: a line recorded only after its write(2)
+/// came twice each time a kill fell into that write. Each restart comes
+/// before the dead binding's FIFO is read out, so its lines must still
+/// read as they were written.
+#[test]
+fn nats_consumer_sigkilled_many_times_writes_every_line_once() {
+    let env = Env::new();
+    let Some(server) = Server::start(&env, &[]) else {
+        return;
+    };
+    let url = server.url();
+    let (n, kills): (usize, usize) = (24_000, 12);
+    let pad = "y".repeat(200);
+    let want: Vec<String> = (0..n).map(|i| format!("m {i} {pad}")).collect();
+    let output = env.start(
+        NATS_OUTPUT,
+        &["out", "many.a", "-s", &url, "--stream", "MANY"],
+    );
+    let args = [
+        "in",
+        "many.a",
+        "-s",
+        &url,
+        "--stream",
+        "MANY",
+        "--durable",
+        "m",
+        "--deliver",
+        "all",
+    ];
+    let mut input = env.start(NATS_INPUT, &args);
+    let mut reader = open_fifo(&env.fifo("in"));
+    let writer = write_lines(env.fifo("out"), want.clone());
+    let mut got = Vec::new();
+    for k in 1..=kills {
+        let more = (k * n / (kills + 1)).saturating_sub(got.len()).max(1);
+        got.extend(read_lines_from(&mut reader, more));
+        kill(input.pid, libc::SIGKILL);
+        assert!(wait_gone(input.pid, PATIENCE));
+        input = env.start(NATS_INPUT, &args);
+        // The dead binding's FIFO, read out only now: end-of-file at its
+        // end (its writer is gone).
+        got.extend(read_count(&mut reader, n, PATIENCE));
+        reader = open_fifo(&env.fifo("in"));
+    }
+    got.extend(read_count(
+        &mut reader,
+        n - got.len(),
+        Duration::from_secs(60),
+    ));
+    writer.join().unwrap();
+    eprintln!(
+        "consumer SIGKILLed {kills} times; {} lines in all",
+        got.len()
+    );
+    assert_once(&got, &want, &env);
+    let order: Vec<usize> = got
+        .iter()
+        .filter_map(|l| l.strip_prefix("m ")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order across the restarts"
+    );
+    input.stop(libc::SIGTERM);
+    output.stop(libc::SIGTERM);
+}
+
 #[test]
 fn nats_server_restarted_mid_stream_loses_nothing_under_jetstream() {
     let env = Env::new();
