@@ -404,14 +404,7 @@ fn plain_reconnect_outlives_nc_restarts() {
     let nc = || {
         let n = env.spawn(std::process::Command::new("nc").args(["-l", "127.0.0.1", &port]));
         // nc has no readiness signal: wait until it listens.
-        assert!(wait_for(PATIENCE, || {
-            fs::read_to_string("/proc/net/tcp")
-                .unwrap_or_default()
-                .contains(&format!(
-                    ":{:04X} 00000000:0000 0A",
-                    port.parse::<u16>().unwrap()
-                ))
-        }));
+        assert!(wait_for(PATIENCE, || listening(port.parse().unwrap())));
         n
     };
     let mut listener = nc();
