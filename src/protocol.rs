@@ -455,12 +455,14 @@ pub(crate) fn request_port(conn: &mut Conn, name: &Id) -> Result<Port, Failure> 
 }
 
 /// The master ends its session. The pool's BYE is only logged if missing:
-/// everything it had to do is done.
+/// everything it had to do is done. A stop signal that came while waiting
+/// for it is passed on: it was read, and would otherwise be lost.
 pub(crate) fn end(conn: &mut Conn) -> Result<(), Failure> {
     conn.send(&Message::End)?;
     match conn.recv() {
         Ok(Message::Bye) => {}
         Ok(other) => log::warn!("the pool answered {other} to END"),
+        Err(Failure::Stopped(sig)) => return Err(Failure::Stopped(sig)),
         Err(e) => log::warn!("the pool did not acknowledge END: {e}"),
     }
     Ok(())
@@ -854,6 +856,32 @@ mod tests {
         let err = Error::from(err);
         assert_eq!(err.status, ExitStatus::Signal(libc::SIGUSR2));
         assert!(err.message.is_empty());
+    }
+
+    /// A stop signal that comes while the master waits for BYE is passed
+    /// on, not taken as a missing BYE: it was read, and a master that
+    /// went on to wait for its daemons would never see it again.
+    #[test]
+    fn a_stop_signal_while_waiting_for_bye_is_passed_on() {
+        let (a, b) = pair();
+        let (held, hold) = std::sync::mpsc::channel();
+        let pool = std::thread::spawn(move || {
+            let (mut ch, mut s) = pool_side(b, "k12").unwrap();
+            assert_eq!(ch.recv(&mut s).unwrap(), Frame::Line("END".into()));
+            // No BYE: held until the master is done.
+            let _ = hold.recv();
+        });
+        let mut conn = Conn::new(a, Duration::from_secs(60)).unwrap();
+        authenticate(&mut conn, &key("k12"), &id("m")).unwrap();
+        // SIGUSR2 is no signal of this test binary's.
+        conn.stop_on(Signals::of_for_tests(Signal::SIGUSR2));
+        nix::sys::signal::raise(Signal::SIGUSR2).unwrap();
+        let started = Instant::now();
+        let err = end(&mut conn).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, Failure::Stopped(Signal::SIGUSR2)), "{err:?}");
+        held.send(()).unwrap();
+        pool.join().unwrap();
     }
 
     proptest! {

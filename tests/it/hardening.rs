@@ -27,15 +27,8 @@ fn pool_sigkill_closes_its_bindings() {
     let p = port.to_string();
     let ticker = "i=0; while true; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done";
     let ddir = env.daemons(&[("d1", ticker), ("d2", ticker)]);
-    let pool = env.pool(&["k", &p]);
-    let mut master = env.spawn_master("k", &p, &ddir);
+    let (pool, mut master) = env.pool_and_master(&[], "k", port, &ddir, &["m.d1 ", "m.d2 "]);
     for name in ["m.d1", "m.d2"] {
-        assert!(
-            pool.wait_stdout(PATIENCE, |s| s.contains(&format!("{name} "))),
-            "{}\n{}",
-            pool.describe(),
-            master.describe()
-        );
         let got = read_lines(&env.fifo(name), 2);
         assert!(got.len() >= 2 && got[0] == "tick 1", "{name}: {got:?}");
     }
@@ -75,13 +68,11 @@ fn pool_sigkill_closes_its_bindings() {
     // The master's bindings see the remote close and try to resume (a
     // stream survives a broken connection): the master runs on until
     // stopped.
-    kill(master.pid(), libc::SIGTERM);
-    master.assert_stopped_by(libc::SIGTERM);
+    master.stop(libc::SIGTERM);
 
     // A new pool, same runtime directory, same port.
     let mut again = env.pool(&["k", &p]);
-    kill(again.pid(), libc::SIGTERM);
-    again.assert_stopped_by(libc::SIGTERM);
+    again.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -96,16 +87,8 @@ fn master_sigkill_stops_daemons_their_children_and_bindings() {
     let body = "sleep 1000 & (trap '' TERM; exec sleep 1001) & \
                 while true; do echo tick; sleep 0.05; done";
     let ddir = env.daemons(&[("d1", body), ("d2", body)]);
-    let mut pool = env.spawn_bash(&consumer(port, "k"));
-    ready(&pool);
-    let master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("[m.d1] tick")
-            && s.contains("[m.d2] tick")),
-        "{}\n{}",
-        pool.describe(),
-        master.describe()
-    );
+    let (mut pool, master) =
+        env.consumer_and_master("k", port, &ddir, &["[m.d1] tick", "[m.d2] tick"]);
     let registered = env.registry("master", master.pid());
     let daemons: Vec<&RegEntry> = registered.iter().filter(|e| e.kind == "daemon").collect();
     assert_eq!(daemons.len(), 2, "{registered:?}");
@@ -156,14 +139,7 @@ fn master_sigterm_kills_children_deaf_to_sigterm() {
     let port = free_port();
     let body = "(trap '' TERM; exec sleep 1002) & while true; do echo tick; sleep 0.05; done";
     let ddir = env.daemons(&[("deaf", body)]);
-    let mut pool = env.spawn_bash(&consumer(port, "k"));
-    ready(&pool);
-    let mut master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("[m.deaf] tick")),
-        "{}",
-        pool.describe()
-    );
+    let (mut pool, mut master) = env.consumer_and_master("k", port, &ddir, &["[m.deaf] tick"]);
     let registered = env.registry("master", master.pid());
     let daemon = registered
         .iter()
@@ -207,13 +183,7 @@ fn leftovers_of_dead_owners_are_reclaimed_by_the_next_pool() {
         "q1",
         "echo hello; sleep 1000 & while true; do sleep 0.1; done",
     )]);
-    let pool = env.pool(&["k", &port.to_string()]);
-    let master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("m.q1 ")),
-        "{}",
-        pool.describe()
-    );
+    let (pool, master) = env.pool_and_master(&[], "k", port, &ddir, &["m.q1 "]);
     // Nobody reads q1: its line keeps the pool's binding, and so the pool
     // (which has had END), waiting.
     assert!(wait_for(PATIENCE, || env
@@ -721,12 +691,7 @@ fn pool_door_withstands_hostile_clients() {
     let out = env.run_master("k7", &p, &ddir);
     let took = started.elapsed();
     println!("pool door: the good master took {took:?} with 41 silent connections open");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     assert!(
         took < Duration::from_secs(5),
         "the good master took {took:?}"
@@ -816,8 +781,7 @@ fn key_never_crosses_the_wire() {
     let port = free_port();
     let key = "Quokka-7731-never-on-the-wire";
     let ddir = env.daemons(&[("d1", "echo one"), ("d2", "echo two")]);
-    let mut pool = env.spawn_bash(&consumer(port, key));
-    ready(&pool);
+    let mut pool = env.consumer(port, key);
     let relay = Relay::start(port);
     let out = env.run(
         MASTER,
@@ -830,12 +794,7 @@ fn key_never_crosses_the_wire() {
             ddir.to_str().unwrap(),
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     pool.assert_ends_ok();
     let text = pool.stdout();
     assert!(
@@ -995,13 +954,7 @@ fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
         "head -c 8000000 /dev/zero | tr '\\0' y | fold -w 99",
     )]);
     let want = 8_000_000 + 8_000_000_u64.div_ceil(99);
-    let mut pool = env.pool(&["--once", "k", &port.to_string()]);
-    let mut master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("m.burst ")),
-        "{}",
-        pool.describe()
-    );
+    let (mut pool, mut master) = env.pool_and_master(&["--once"], "k", port, &ddir, &["m.burst "]);
     // About 2 MB/s: slower than the loopback can buffer in the time the
     // old flush allowed. The pause limits the rate; nothing waits on it.
     let mut fifo = std::fs::File::open(env.fifo("m.burst")).unwrap();
@@ -1030,8 +983,7 @@ fn slow_pool_reader_still_gets_all_of_a_finished_daemon() {
 /// prints how long it took for `what`.
 fn assert_stops_at_once(run: &mut Spawned, what: &str) {
     let since = Instant::now();
-    kill(run.pid(), libc::SIGTERM);
-    run.assert_stopped_by(libc::SIGTERM);
+    run.stop(libc::SIGTERM);
     let took = since.elapsed();
     println!("{what}: SIGTERM to exit: {took:?}");
     assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
@@ -1139,8 +1091,7 @@ fn running_out_of_descriptors_anywhere_leaves_nothing() {
         assert!(wait_for(PATIENCE, || !alive(pool.pid())
             || pool.stderr().contains("waiting for a master")));
         if alive(pool.pid()) {
-            kill(pool.pid(), libc::SIGTERM);
-            pool.assert_stopped_by(libc::SIGTERM);
+            pool.stop(libc::SIGTERM);
         } else {
             pool.wait(PATIENCE).expect("it ended");
             assert_failed_cleanly(&pool, "pool", n);
@@ -1214,8 +1165,7 @@ fn finished_daemon_leaves_no_deaf_child_behind() {
         "deaf",
         "( trap '' TERM; while :; do sleep 0.1; done ) &\necho started",
     )]);
-    let mut pool = env.spawn_bash(&consumer(port, "k"));
-    ready(&pool);
+    let mut pool = env.consumer(port, "k");
     let out = env.run_master("k", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
     pool.assert_ends_ok();

@@ -50,8 +50,7 @@ fn key_never_reaches_a_binding_or_daemon() {
             comm.trim()
         );
     }
-    kill(master.pid(), libc::SIGTERM);
-    master.assert_stopped_by(libc::SIGTERM);
+    master.stop(libc::SIGTERM);
     // Its session over and its binding's stream ended, the pool is done.
     pool.assert_ends_ok();
     env.assert_clean();
@@ -73,17 +72,7 @@ fn key_file_is_read_as_one_bounded_line_and_its_mode_checked() {
     let (listener, port) = listener();
     drop(listener);
     let ddir = env.daemons(&[("dem1", "echo hi")]);
-    let out = env.run(
-        MASTER,
-        &[
-            "--key-file",
-            keyfile.to_str().unwrap(),
-            "-",
-            "127.0.0.1",
-            &port.to_string(),
-            ddir.to_str().unwrap(),
-        ],
-    );
+    let out = env.run_master_with(&["--key-file", keyfile.to_str().unwrap()], "-", port, &ddir);
     assert_eq!(out.status.code(), Some(69), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

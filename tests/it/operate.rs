@@ -183,8 +183,7 @@ fn ready_fd_gets_one_newline_and_is_closed_once_bind_input_and_pool_listen() {
     let (mut pool, mut pipe) = with_ready_fd(&env, POOL, &["k3y", &port.to_string()]);
     assert_eq!(read_ready(&mut pipe), "\n", "{}", pool.describe());
     TcpStream::connect(("127.0.0.1", port)).expect("ready means listening");
-    kill(pool.pid(), libc::SIGTERM);
-    pool.assert_stopped_by(libc::SIGTERM);
+    pool.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -280,12 +279,7 @@ fn pool_serves_the_socket_of_systemd_socket_activate() {
     let mut pool = socket_activate(&env, port, &[POOL, "--once", "k3y", &p]);
     let ddir = env.daemons(&[("d1", "echo one")]);
     let out = env.run_master("k3y", port, &ddir);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     assert_eq!(read_lines(&env.fifo("m.d1"), 1), ["one"]);
     pool.assert_ends_ok();
     assert!(pool.stdout().starts_with("m.d1 "), "{}", pool.describe());
@@ -816,17 +810,7 @@ fn the_pool_unit_runs_as_systemd_would_run_it() {
     );
     // Stopped, the pool exits 143, which the unit counts as success; the
     // pipeline (pipefail) passes that status on.
-    let pool = std::fs::read_dir(&env.dir)
-        .unwrap()
-        .flatten()
-        .find_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix(".pool@")?
-                .strip_suffix(".lock")?
-                .parse::<i32>()
-                .ok()
-        })
-        .expect("the pool's claim");
+    let pool = env.owner_pid("pool");
     kill(pool, libc::SIGTERM);
     let status = service.wait(PATIENCE).expect("the unit's command ends");
     assert_eq!(status.code(), Some(143), "{}", service.describe());
@@ -838,8 +822,7 @@ fn master_says_ready_once_its_daemons_run_and_they_do_not_inherit_notify_socket(
     let env = Env::new();
     let notify = NotifySocket::new(&env);
     let port = free_port();
-    let consumer = env.spawn_bash(&consumer(port, "k3y"));
-    ready(&consumer);
+    let consumer = env.consumer(port, "k3y");
     let ddir = env.daemons(&[(
         "d1",
         r#"echo "socket=${NOTIFY_SOCKET:-none}"; exec sleep 30"#,
@@ -867,7 +850,6 @@ fn master_says_ready_once_its_daemons_run_and_they_do_not_inherit_notify_socket(
         "{}",
         consumer.describe()
     );
-    kill(master.pid(), libc::SIGTERM);
-    master.assert_stopped_by(libc::SIGTERM);
+    master.stop(libc::SIGTERM);
     drop(consumer);
 }

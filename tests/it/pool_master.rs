@@ -21,8 +21,7 @@ fn seed_example_master_to_pool() {
         ("dem2", &counted("dem2", 5, "0.07")),
     ]);
     std::fs::write(ddir.join("README"), "not a daemon\n").unwrap();
-    let mut pool = env.spawn_bash(&consumer(port, "k12"));
-    ready(&pool);
+    let mut pool = env.consumer(port, "k12");
     let master_out = env.run(
         MASTER,
         &[
@@ -34,12 +33,7 @@ fn seed_example_master_to_pool() {
             ddir.to_str().unwrap(),
         ],
     );
-    assert!(
-        master_out.status.success(),
-        "{}\n{}",
-        describe(&master_out),
-        pool.describe()
-    );
+    assert_ran_ok(&master_out, &pool);
     let stderr = String::from_utf8_lossy(&master_out.stderr);
     assert!(
         stderr.contains("skipping") && stderr.contains("README"),
@@ -105,8 +99,7 @@ fn wrong_key_is_refused_then_right_key_served() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("dem1", "echo hi")]);
-    let mut pool = env.spawn_bash(&consumer(port, "k12"));
-    ready(&pool);
+    let mut pool = env.consumer(port, "k12");
     let bad = env.run_master("nope", port, &ddir);
     assert_eq!(bad.status.code(), Some(77), "{}", describe(&bad));
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -147,19 +140,7 @@ fn key_from_file_and_environment() {
             .env("FIFOBIND_KEY", "s3cret"),
     );
     ready(&pool);
-    let out = env.run(
-        MASTER,
-        &[
-            "--name",
-            "m",
-            "--key-file",
-            keyfile.to_str().unwrap(),
-            "-",
-            "127.0.0.1",
-            &port.to_string(),
-            ddir.to_str().unwrap(),
-        ],
-    );
+    let out = env.run_master_with(&["--key-file", keyfile.to_str().unwrap()], "-", port, &ddir);
     assert!(out.status.success(), "{}", describe(&out));
     pool.assert_ends_ok();
     assert!(pool.stdout().contains("[m.dem1] hi"));
@@ -174,8 +155,7 @@ fn failing_daemon_makes_master_exit_1() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("good", "echo fine"), ("bad", "echo oops; exit 3")]);
-    let mut pool = env.spawn_bash(&consumer(port, "k"));
-    ready(&pool);
+    let mut pool = env.consumer(port, "k");
     let out = env.run_master("k", port, &ddir);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
@@ -233,16 +213,8 @@ fn sigterm_to_master_stops_daemons_with_their_children() {
     let port = free_port();
     let body = "sleep 1000 & sleep 1000 & while true; do echo tick; sleep 0.05; done";
     let ddir = env.daemons(&[("d1", body), ("d2", body)]);
-    let mut pool = env.spawn_bash(&consumer(port, "k"));
-    ready(&pool);
-    let mut master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("[m.d1] tick")
-            && s.contains("[m.d2] tick")),
-        "{}\n{}",
-        pool.describe(),
-        master.describe()
-    );
+    let (mut pool, mut master) =
+        env.consumer_and_master("k", port, &ddir, &["[m.d1] tick", "[m.d2] tick"]);
     kill(master.pid(), libc::SIGTERM);
     // Its keyed bindings first send what they hold (a loaded machine is
     // slow, not wrong: the bound is the harness's patience).
@@ -264,13 +236,7 @@ fn sigterm_to_pool_stops_its_bindings() {
     let env = Env::new();
     let port = free_port();
     let ddir = env.daemons(&[("d1", "while true; do echo tick; sleep 0.05; done")]);
-    let mut pool = env.pool(&["k", &port.to_string()]);
-    let mut master = env.spawn_master("k", port, &ddir);
-    assert!(
-        pool.wait_stdout(PATIENCE, |s| s.contains("m.d1 ")),
-        "{}",
-        pool.describe()
-    );
+    let (mut pool, mut master) = env.pool_and_master(&[], "k", port, &ddir, &["m.d1 "]);
     let registered = env.registry("pool", pool.pid());
     let binding_pid = registered[0].pid;
     let guardian = guardian_of(pool.pid(), &registered);
@@ -332,12 +298,7 @@ fn two_hosts_in_network_namespaces() {
             ])
             .arg(&ddir),
     );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     pool.assert_ends_ok();
     let text = pool.stdout();
     for name in ["dem1", "dem2"] {

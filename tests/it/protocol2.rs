@@ -138,15 +138,9 @@ fn a_captured_session_shows_nothing_but_greetings() {
         "payroll7q",
         &format!("for i in 1 2 3; do echo '{secret}' $i; done"),
     )]);
-    let mut pool = env.spawn_bash(&consumer(port, "k12"));
-    ready(&pool);
+    let mut pool = env.consumer(port, "k12");
     let out = master_via(&env, port, &ddir);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     pool.assert_ends_ok();
     assert!(
         pool.stdout().contains(&format!("[m.payroll7q] {secret} 3")),
@@ -236,12 +230,7 @@ fn a_flood_of_idle_connections_does_not_keep_a_distant_master_out() {
          with {} idle connections from 127.0.0.2 opened ({during} when it ended)",
         held.len()
     );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        describe(&out),
-        pool.describe()
-    );
+    assert_ran_ok(&out, &pool);
     assert!(
         pool.stderr()
             .contains("master 127.0.0.1 authenticated: session m"),
@@ -250,8 +239,7 @@ fn a_flood_of_idle_connections_does_not_keep_a_distant_master_out() {
     );
     drop(held);
     assert_eq!(read_lines(&env.fifo("m.dem1"), 1), ["hi"]);
-    kill(pool.pid(), libc::SIGTERM);
-    pool.assert_stopped_by(libc::SIGTERM);
+    pool.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -313,8 +301,7 @@ fn ten_thousand_wrong_keys_are_rate_limited_and_summarised() {
         refused.load(Ordering::Relaxed),
     );
     // The log, once the summary of the last interval is out.
-    kill(pool.pid(), libc::SIGTERM);
-    pool.assert_stopped_by(libc::SIGTERM);
+    pool.stop(libc::SIGTERM);
     let log = pool.stderr();
     // What the pool tested (its summaries count them): a guesser that got
     // a greeting may still have been turned away before its key was
@@ -423,17 +410,7 @@ fn two_masters_at_once_with_the_same_daemon_never_clash() {
         assert_eq!(*lines, want, "{out}");
     }
     // The pool keeps serving until stopped.
-    let pool_pid = std::fs::read_dir(&env.dir)
-        .unwrap()
-        .flatten()
-        .find_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix(".pool@")?
-                .strip_suffix(".lock")?
-                .parse::<i32>()
-                .ok()
-        })
-        .expect("the pool still runs");
+    let pool_pid = env.owner_pid("pool");
     kill(pool_pid, libc::SIGTERM);
     assert!(pool.wait(PATIENCE).is_some(), "{}", pool.describe());
     env.assert_clean();
@@ -467,8 +444,7 @@ fn version_one_peers_get_an_error_naming_both_versions() {
         "{}",
         pool.describe()
     );
-    kill(pool.pid(), libc::SIGTERM);
-    pool.assert_stopped_by(libc::SIGTERM);
+    pool.stop(libc::SIGTERM);
 
     // A version-1 pool, played by hand.
     let (old_pool, oport) = listener();

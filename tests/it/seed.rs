@@ -59,6 +59,13 @@ impl Round {
             "{name}: the binding never became ready\n{}",
             reader.describe()
         );
+        // Its FIFO comes before its socket listens, and nc does not retry
+        // a refused connect.
+        assert!(
+            wait_for(PATIENCE, || listening(port)),
+            "{name}: the binding never listened\n{}",
+            reader.describe()
+        );
         let sender = env.spawn_bash(&format!("{feed} | nc -N 127.0.0.1 {port}"));
         Round {
             name,

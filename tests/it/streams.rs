@@ -9,19 +9,32 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// Starts a binding with `FIFOBIND_KEY=key` and returns its PID.
-fn start_keyed(env: &Env, program: &str, key: &str, args: &[&str]) -> i32 {
-    let out = run_with_timeout(env.cmd(program).env("FIFOBIND_KEY", key).args(args));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        describe(&out)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+/// A keyed pair with `FIFOBIND_KEY=k12`: `bind-input --key - IN_OPTS in1
+/// PORT` and `bind-output --key - OUT_OPTS out1 127.0.0.1 TO`.
+fn keyed_pair(
+    env: &Env,
+    port: u16,
+    in_opts: &[&str],
+    out_opts: &[&str],
+    to: u16,
+) -> (Binding, Binding) {
+    let (port, to) = (port.to_string(), to.to_string());
+    let key: &[&str] = &["--key", "-"];
+    let pin = [key, in_opts, &["in1", &port]].concat();
+    let pout = [key, out_opts, &["out1", "127.0.0.1", &to]].concat();
+    (
+        env.start_keyed(BIND_INPUT, "k12", &pin),
+        env.start_keyed(BIND_OUTPUT, "k12", &pout),
+    )
+}
+
+/// A keyed pair whose bind-output reaches its bind-input through a
+/// [`FaultRelay`] the test controls.
+fn relayed_pair(env: &Env, out_opts: &[&str]) -> (FaultRelay, Binding, Binding) {
+    let port = free_port();
+    let relay = FaultRelay::start(port);
+    let (pin, pout) = keyed_pair(env, port, &[], out_opts, relay.port);
+    (relay, pin, pout)
 }
 
 fn line(i: u64) -> String {
@@ -103,22 +116,15 @@ fn count(logs: &str, needle: &str) -> usize {
 #[test]
 fn keyed_pair_delivers_whole_lines() {
     let env = Env::new();
-    let port = free_port().to_string();
-    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &port]);
-    let pout = start_keyed(
-        &env,
-        BIND_OUTPUT,
-        "k12",
-        &["--key", "-", "out1", "127.0.0.1", &port],
-    );
+    let port = free_port();
+    let (pin, pout) = keyed_pair(&env, port, &[], &[], port);
     let w = Arc::new(AtomicU64::new(0));
     let t = writer(env.fifo("out1"), 0..5000, 500, Duration::ZERO, w);
     let got = read_n(&env.fifo("in1"), 5000, PATIENCE);
     t.join().unwrap();
     assert_exactly(&got, 0, 5000, &env.logs());
-    kill(pout, libc::SIGTERM);
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE) && wait_gone(pin, PATIENCE));
+    pout.stop(libc::SIGTERM);
+    pin.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -128,12 +134,7 @@ fn wrong_keys_and_plain_clients_get_nothing_in() {
     let port = free_port();
     let ports = port.to_string();
     // --once: it must keep listening until its stream has come.
-    let pin = start_keyed(
-        &env,
-        BIND_INPUT,
-        "k12",
-        &["--key", "-", "--once", "in1", &ports],
-    );
+    let pin = env.start_keyed(BIND_INPUT, "k12", &["--key", "-", "--once", "in1", &ports]);
     // A plain client's lines, and a plain client that greets like a
     // stream, but with garbage.
     send(port, b"forged line 1\nforged line 2\n");
@@ -172,12 +173,12 @@ fn wrong_keys_and_plain_clients_get_nothing_in() {
     }
     assert!(held, "wrong keys are not held back\n{}", env.logs());
     // The right key gets in once the hold-back is over.
-    let mut pout = 0;
+    let mut pout = None;
     assert!(
         wait_for(PATIENCE, || {
             let out = keyed("k12", "good");
             if out.status.success() {
-                pout = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+                pout = Some(env.binding(printed_pid(&out)));
                 return true;
             }
             assert!(
@@ -195,9 +196,8 @@ fn wrong_keys_and_plain_clients_get_nothing_in() {
     let got = read_lines(&env.fifo("in1"), 1);
     assert_eq!(got, ["the only line"], "{}", env.logs());
     // The writer is done: the stream closes, the --once binding ends.
-    kill(pout, libc::SIGUSR1);
-    assert!(wait_gone(pout, PATIENCE), "{}", env.logs());
-    assert!(wait_gone(pin, PATIENCE), "{}", env.logs());
+    pout.expect("started").stop(libc::SIGUSR1);
+    pin.assert_exits(PATIENCE, "its stream ended");
     env.assert_clean();
 }
 
@@ -205,27 +205,8 @@ fn wrong_keys_and_plain_clients_get_nothing_in() {
 fn twenty_cuts_during_a_long_stream_lose_and_duplicate_nothing() {
     const LINES: u64 = 100_000;
     let env = Env::new();
-    let port = free_port();
-    let relay = FaultRelay::start(port);
-    let (ports, rports) = (port.to_string(), relay.port.to_string());
-    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &ports]);
-    let pout = start_keyed(
-        &env,
-        BIND_OUTPUT,
-        "k12",
-        &[
-            "--key",
-            "-",
-            "--backoff-max",
-            "1",
-            "--peer-timeout",
-            "2",
-            "out1",
-            "127.0.0.1",
-            &rports,
-        ],
-    );
-    let (rss_in, rss_out) = (RssSampler::start(pin), RssSampler::start(pout));
+    let (relay, pin, pout) = relayed_pair(&env, &["--backoff-max", "1", "--peer-timeout", "2"]);
+    let (rss_in, rss_out) = (RssSampler::start(pin.pid), RssSampler::start(pout.pid));
     let w = Arc::new(AtomicU64::new(0));
     let t = writer(
         env.fifo("out1"),
@@ -284,9 +265,8 @@ fn twenty_cuts_during_a_long_stream_lose_and_duplicate_nothing() {
     assert!(worst_reset < Duration::from_secs(6), "{worst_reset:?}");
     assert!(worst_hold < Duration::from_secs(8), "{worst_hold:?}");
     assert!(kin < 64 * 1024 && kout < 64 * 1024);
-    kill(pout, libc::SIGTERM);
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE) && wait_gone(pin, PATIENCE));
+    pout.stop(libc::SIGTERM);
+    pin.stop(libc::SIGTERM);
     drop(relay);
     env.assert_clean();
 }
@@ -298,27 +278,8 @@ fn twenty_cuts_during_a_long_stream_lose_and_duplicate_nothing() {
 fn unreachable_receiver_holds_writers_then_everything_flows() {
     const LINES: u64 = 60_000;
     let env = Env::new();
-    let port = free_port();
-    let relay = FaultRelay::start(port);
-    let (ports, rports) = (port.to_string(), relay.port.to_string());
-    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &ports]);
-    let pout = start_keyed(
-        &env,
-        BIND_OUTPUT,
-        "k12",
-        &[
-            "--key",
-            "-",
-            "--spool",
-            "256K",
-            "--backoff-max",
-            "1",
-            "out1",
-            "127.0.0.1",
-            &rports,
-        ],
-    );
-    let rss = RssSampler::start(pout);
+    let (relay, pin, pout) = relayed_pair(&env, &["--spool", "256K", "--backoff-max", "1"]);
+    let rss = RssSampler::start(pout.pid);
     let down = Instant::now();
     relay.refuse(true);
     relay.cut(Cut::Reset);
@@ -348,9 +309,8 @@ fn unreachable_receiver_holds_writers_then_everything_flows() {
     eprintln!("held writer at {held} of {total} bytes; bind-output max RSS {kout} KiB");
     assert!(kout < 32 * 1024);
     assert!(env.logs().contains("s disconnected: resuming at offset"));
-    kill(pout, libc::SIGTERM);
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE) && wait_gone(pin, PATIENCE));
+    pout.stop(libc::SIGTERM);
+    pin.stop(libc::SIGTERM);
     drop(relay);
     env.assert_clean();
 }
@@ -371,29 +331,18 @@ impl FifoLike for fs::FileType {
 fn drop_oldest_drops_and_counts() {
     const LINES: u64 = 40_000;
     let env = Env::new();
-    let port = free_port();
-    let relay = FaultRelay::start(port);
-    let (ports, rports) = (port.to_string(), relay.port.to_string());
-    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &ports]);
-    let pout = start_keyed(
+    let (relay, pin, pout) = relayed_pair(
         &env,
-        BIND_OUTPUT,
-        "k12",
         &[
-            "--key",
-            "-",
             "--spool",
             "256K",
             "--spool-full",
             "drop-oldest",
             "--backoff-max",
             "0.5",
-            "out1",
-            "127.0.0.1",
-            &rports,
         ],
     );
-    let rss = RssSampler::start(pout);
+    let rss = RssSampler::start(pout.pid);
     relay.refuse(true);
     relay.cut(Cut::Reset);
     let w = Arc::new(AtomicU64::new(0));
@@ -436,11 +385,9 @@ fn drop_oldest_drops_and_counts() {
         got.len()
     );
     assert!(kout < 32 * 1024);
-    kill(pout, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE));
+    pout.stop(libc::SIGTERM);
     assert!(env.logs().contains("dropped"), "{}", env.logs());
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pin, PATIENCE));
+    pin.stop(libc::SIGTERM);
     drop(relay);
     env.assert_clean();
 }
@@ -457,14 +404,7 @@ fn plain_reconnect_outlives_nc_restarts() {
     let nc = || {
         let n = env.spawn(std::process::Command::new("nc").args(["-l", "127.0.0.1", &port]));
         // nc has no readiness signal: wait until it listens.
-        assert!(wait_for(PATIENCE, || {
-            fs::read_to_string("/proc/net/tcp")
-                .unwrap_or_default()
-                .contains(&format!(
-                    ":{:04X} 00000000:0000 0A",
-                    port.parse::<u16>().unwrap()
-                ))
-        }));
+        assert!(wait_for(PATIENCE, || listening(port.parse().unwrap())));
         n
     };
     let mut listener = nc();
@@ -479,8 +419,7 @@ fn plain_reconnect_outlives_nc_restarts() {
             &port,
         ],
     );
-    let pout = guard.pid;
-    let rss = RssSampler::start(pout);
+    let rss = RssSampler::start(guard.pid);
     for round in 0..4 {
         let mut k = 0;
         let mut f = fs::OpenOptions::new()
@@ -499,7 +438,7 @@ fn plain_reconnect_outlives_nc_restarts() {
             "round {round}: nothing arrived\n{}",
             env.logs()
         );
-        assert!(alive(pout), "{}", env.logs());
+        assert!(alive(guard.pid), "{}", env.logs());
         kill(listener.pid(), libc::SIGTERM);
         listener.wait(PATIENCE);
         listener = nc();
@@ -507,8 +446,7 @@ fn plain_reconnect_outlives_nc_restarts() {
     let kout = rss.finish();
     eprintln!("plain --reconnect: 4 restarts of nc; bind-output max RSS {kout} KiB");
     assert!(count(&env.logs(), "reconnected to") >= 3, "{}", env.logs());
-    kill(pout, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE));
+    guard.stop(libc::SIGTERM);
     kill(listener.pid(), libc::SIGTERM);
     env.assert_clean();
 }
@@ -541,18 +479,12 @@ kill "$out" "$in"
     assert_fails(&bad, 2, "--key-fd 9");
     // Another secret is a wrong key.
     let port = free_port();
-    let pin = start_keyed(
-        &env,
-        BIND_INPUT,
-        "k12",
-        &["--key", "-", "in3", &port.to_string()],
-    );
+    let pin = env.start_keyed(BIND_INPUT, "k12", &["--key", "-", "in3", &port.to_string()]);
     let wrong = env.bash(&format!(
         "bind-output --key-fd 3 out3 127.0.0.1 {port} 3< <(printf other)"
     ));
     assert_fails(&wrong, 69, "keys differ");
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pin, PATIENCE));
+    pin.stop(libc::SIGTERM);
     env.assert_clean();
 }
 
@@ -563,15 +495,9 @@ kill "$out" "$in"
 fn a_slow_reader_holds_the_keyed_stream_back_with_memory_bounded() {
     const LINES: u64 = 80_000;
     let env = Env::new();
-    let port = free_port().to_string();
-    let pin = start_keyed(&env, BIND_INPUT, "k12", &["--key", "-", "in1", &port]);
-    let pout = start_keyed(
-        &env,
-        BIND_OUTPUT,
-        "k12",
-        &["--key", "-", "--spool", "1M", "out1", "127.0.0.1", &port],
-    );
-    let (rss_in, rss_out) = (RssSampler::start(pin), RssSampler::start(pout));
+    let port = free_port();
+    let (pin, pout) = keyed_pair(&env, port, &[], &["--spool", "1M"], port);
+    let (rss_in, rss_out) = (RssSampler::start(pin.pid), RssSampler::start(pout.pid));
     let w = Arc::new(AtomicU64::new(0));
     let t = writer(env.fifo("out1"), 0..LINES, 2000, Duration::ZERO, w.clone());
     let held = wait_stalled(&w, Duration::from_secs(1), PATIENCE).expect("writer never held");
@@ -587,8 +513,7 @@ fn a_slow_reader_holds_the_keyed_stream_back_with_memory_bounded() {
     );
     assert!(kin < 32 * 1024, "bind-input {kin} KiB");
     assert!(kout < 32 * 1024, "bind-output {kout} KiB");
-    kill(pout, libc::SIGTERM);
-    kill(pin, libc::SIGTERM);
-    assert!(wait_gone(pout, PATIENCE) && wait_gone(pin, PATIENCE));
+    pout.stop(libc::SIGTERM);
+    pin.stop(libc::SIGTERM);
     env.assert_clean();
 }

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use super::env::logs_in;
-use super::{Env, PATIENCE, alive, kill, wait_gone, with_env};
+use super::{Env, PATIENCE, alive, kill, run_with_timeout, wait_gone, with_env};
 
 /// A daemonized binding: its PID, and the FIFO and claim it owns.
 #[derive(Debug)]
@@ -28,7 +28,17 @@ impl Env {
     /// Starts a binding and returns it, asserting success: exit 0 and its
     /// PID alone on stdout.
     pub fn start(&self, program: &str, args: &[&str]) -> Binding {
-        let out = self.run(program, args);
+        self.started(program, args, self.run(program, args))
+    }
+
+    /// [`Env::start`] with `FIFOBIND_KEY=key` in its environment, for
+    /// `--key -`.
+    pub fn start_keyed(&self, program: &str, key: &str, args: &[&str]) -> Binding {
+        let out = run_with_timeout(self.cmd(program).env("FIFOBIND_KEY", key).args(args));
+        self.started(program, args, out)
+    }
+
+    fn started(&self, program: &str, args: &[&str], out: Output) -> Binding {
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}",

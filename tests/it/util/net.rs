@@ -36,6 +36,24 @@ pub fn connect(port: u16) -> TcpStream {
     }
 }
 
+/// Whether something listens on local TCP port `port` (IPv4 or IPv6), as
+/// /proc/net says: for clients that cannot retry a refused connect (`nc`),
+/// started beside a binding whose FIFO may exist before it listens.
+pub fn listening(port: u16) -> bool {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|row| {
+                let fields: Vec<&str> = row.split_whitespace().collect();
+                // sl, local address, remote address, state (0A: LISTEN).
+                fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
+            })
+    })
+}
+
 /// Sends `text` on a new connection to a local port and closes it.
 pub fn send(port: u16, text: &[u8]) {
     let mut s = connect(port);

@@ -19,14 +19,112 @@ impl Env {
         pool
     }
 
+    /// Starts the bash [`consumer`] of pool(1) and waits until its pool
+    /// listens.
+    pub fn consumer(&self, port: u16, key: &str) -> Spawned {
+        let pool = self.spawn_bash(&consumer(port, key));
+        ready(&pool);
+        pool
+    }
+
     /// Starts `master KEY 127.0.0.1 PORT DDIR`.
     pub fn spawn_master(&self, key: &str, port: impl std::fmt::Display, ddir: &Path) -> Spawned {
-        self.spawn(Command::new(MASTER).args(master_args(key, port, ddir)))
+        self.spawn_master_with(&[], key, port, ddir)
+    }
+
+    /// Starts `master OPTS KEY 127.0.0.1 PORT DDIR`.
+    pub fn spawn_master_with(
+        &self,
+        opts: &[&str],
+        key: &str,
+        port: impl std::fmt::Display,
+        ddir: &Path,
+    ) -> Spawned {
+        self.spawn(Command::new(MASTER).args(master_args(opts, key, port, ddir)))
     }
 
     /// Runs `master KEY 127.0.0.1 PORT DDIR` to its end.
     pub fn run_master(&self, key: &str, port: impl std::fmt::Display, ddir: &Path) -> Output {
-        run_with_timeout(self.cmd(MASTER).args(master_args(key, port, ddir)))
+        self.run_master_with(&[], key, port, ddir)
+    }
+
+    /// Runs `master OPTS KEY 127.0.0.1 PORT DDIR` to its end.
+    pub fn run_master_with(
+        &self,
+        opts: &[&str],
+        key: &str,
+        port: impl std::fmt::Display,
+        ddir: &Path,
+    ) -> Output {
+        run_with_timeout(self.cmd(MASTER).args(master_args(opts, key, port, ddir)))
+    }
+
+    /// Starts a master of `ddir` for `pool` (a pool or a [`consumer`]) on
+    /// `port`, and returns it once the pool's stdout shows every one of
+    /// `seen` (`"m.d1 "`: a stream announced; `"[m.d1] tick"`: a line
+    /// read).
+    pub fn master_seen(
+        &self,
+        pool: &Spawned,
+        key: &str,
+        port: u16,
+        ddir: &Path,
+        seen: &[&str],
+    ) -> Spawned {
+        let master = self.spawn_master(key, port, ddir);
+        assert!(
+            pool.wait_stdout(PATIENCE, |s| seen.iter().all(|n| s.contains(n))),
+            "the pool's stdout never showed all of {seen:?}\npool {}\nmaster {}",
+            pool.describe(),
+            master.describe()
+        );
+        master
+    }
+
+    /// `pool OPTS KEY PORT` on `port` and a master of `ddir` (see
+    /// [`Env::master_seen`]): the pool and the master.
+    pub fn pool_and_master(
+        &self,
+        opts: &[&str],
+        key: &str,
+        port: u16,
+        ddir: &Path,
+        seen: &[&str],
+    ) -> (Spawned, Spawned) {
+        let port_arg = port.to_string();
+        let pool = self.pool(&[opts, &[key, &port_arg]].concat());
+        let master = self.master_seen(&pool, key, port, ddir, seen);
+        (pool, master)
+    }
+
+    /// [`Env::pool_and_master`] with the bash [`consumer`] as the pool.
+    pub fn consumer_and_master(
+        &self,
+        key: &str,
+        port: u16,
+        ddir: &Path,
+        seen: &[&str],
+    ) -> (Spawned, Spawned) {
+        let pool = self.consumer(port, key);
+        let master = self.master_seen(&pool, key, port, ddir, seen);
+        (pool, master)
+    }
+
+    /// The PID of the one pool or master (`owner`) running in this
+    /// runtime directory, found by its claim `.OWNER@PID.lock`.
+    pub fn owner_pid(&self, owner: &str) -> i32 {
+        let prefix = format!(".{owner}@");
+        fs::read_dir(&self.dir)
+            .unwrap()
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_prefix(&prefix)?
+                    .strip_suffix(".lock")?
+                    .parse::<i32>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no claim of a {owner} in {}", self.dir.display()))
     }
 
     /// A directory of daemons: (name, bash body) pairs, made executable.
@@ -136,15 +234,14 @@ pub fn guardian_of(owner: i32, registered: &[RegEntry]) -> i32 {
     guardian
 }
 
-/// A master's arguments for the pool on this machine's `port`; its
-/// session is named `m`, so its daemons' streams are `m.DAEMON`.
-fn master_args(key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<String> {
-    vec![
-        "--name".to_string(),
-        "m".to_string(),
-        key.to_string(),
-        "127.0.0.1".to_string(),
-        port.to_string(),
-        ddir.to_str().unwrap().to_string(),
-    ]
+/// A master's arguments (`OPTS` first) for the pool on this machine's
+/// `port`; its session is named `m`, so its daemons' streams are
+/// `m.DAEMON`.
+fn master_args(opts: &[&str], key: &str, port: impl std::fmt::Display, ddir: &Path) -> Vec<String> {
+    let (port, ddir) = (port.to_string(), ddir.to_str().unwrap());
+    [&["--name", "m"], opts, &[key, "127.0.0.1", &port, ddir]]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }

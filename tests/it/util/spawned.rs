@@ -90,6 +90,12 @@ impl Spawned {
         Some(status)
     }
 
+    /// Sends `sig` and asserts what [`Spawned::assert_stopped_by`] does.
+    pub fn stop(&mut self, sig: i32) {
+        super::kill(self.pid(), sig);
+        self.assert_stopped_by(sig);
+    }
+
     /// Asserts that it ends within [`PATIENCE`] with status 128 + `sig`,
     /// as pool and master do when a signal stops them.
     pub fn assert_stopped_by(&mut self, sig: i32) {
@@ -124,6 +130,17 @@ impl Spawned {
     pub fn describe(&self) -> String {
         format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
     }
+}
+
+/// Asserts that a command run to its end beside `other` (a master beside
+/// its pool) exited 0, showing both outputs if not.
+pub fn assert_ran_ok(out: &std::process::Output, other: &Spawned) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        super::describe(out),
+        other.describe()
+    );
 }
 
 impl Drop for Spawned {
