@@ -118,9 +118,15 @@ pub(crate) fn start(dir: &Path, who: Identity<'_>) {
         fixed,
         peers: Vec::new(),
     };
-    publisher.write();
+    // What the file shows is what the thread compares against: a change
+    // made before the thread first looks (a daemon's first line, sent the
+    // moment its binding is ready) is still a change.
+    let first = figures();
+    publisher.write(first);
     *lock() = Some(publisher);
-    let spawned = std::thread::Builder::new().name("status".into()).spawn(run);
+    let spawned = std::thread::Builder::new()
+        .name("status".into())
+        .spawn(move || run(first));
     if let Err(e) = spawned {
         log::warn!(
             "cannot start publishing the status: {}",
@@ -133,8 +139,7 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Publisher>> {
     PUBLISHER.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn run() {
-    let mut last = figures();
+fn run(mut last: [u64; 3]) {
     while !STOPPED.load(Ordering::Relaxed) {
         std::thread::sleep(PERIOD);
         let now = figures();
@@ -144,7 +149,7 @@ fn run() {
             // is tried again next period, not only at the next change.
             if let Some(p) = lock().as_ref()
                 && !STOPPED.load(Ordering::Relaxed)
-                && p.write()
+                && p.write(now)
             {
                 last = now;
             }
@@ -161,12 +166,13 @@ fn figures() -> [u64; 3] {
 }
 
 impl Publisher {
-    /// Publishes the figures; false if the file could not be replaced.
-    fn write(&self) -> bool {
+    /// Publishes `figures` (see [`figures`]); false if the file could not
+    /// be replaced.
+    fn write(&self, [bytes_in, bytes_out, _]: [u64; 3]) -> bool {
         let mut object = self.fixed.clone();
         object.insert("peers".into(), self.peers.clone().into());
-        object.insert("bytes_in".into(), BYTES_IN.load(Ordering::Relaxed).into());
-        object.insert("bytes_out".into(), BYTES_OUT.load(Ordering::Relaxed).into());
+        object.insert("bytes_in".into(), bytes_in.into());
+        object.insert("bytes_out".into(), bytes_out.into());
         // Counting lines would take a pass over every byte on the data
         // path: not counted (yet), and said so.
         object.insert("lines_in".into(), serde_json::Value::Null);
@@ -237,4 +243,41 @@ pub(crate) fn remove(dir: &Path, name: &str) {
     let path = dir.join(format!(".{name}.status"));
     let _ = fs::remove_file(&path);
     let _ = fs::remove_file(path.with_extension("status-new"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes passed on right after the start, before the publishing
+    /// thread first looks, reach the file all the same.
+    #[test]
+    fn figures_that_change_at_once_are_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let who = Identity {
+            name: "t",
+            kind: "bind-input",
+            port: 1024,
+            host: None,
+            fifo: None,
+        };
+        start(tmp.path(), who);
+        add_out(5);
+        let path = tmp.path().join(".t.status");
+        let shown = || -> Option<u64> {
+            let text = fs::read_to_string(&path).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v["bytes_out"].as_u64()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shown() != Some(BYTES_OUT.load(Ordering::Relaxed))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let want = BYTES_OUT.load(Ordering::Relaxed);
+        let got = shown();
+        finish();
+        assert_eq!(got, Some(want), "the file never showed the bytes passed on");
+    }
 }

@@ -36,7 +36,7 @@ use crate::nats::cli::{Deliver, Subject};
 use crate::nats::connect::{Settings, js_error};
 use crate::nats::events::{self, AsyncStop, Fd};
 use crate::nats::output::runtime;
-use crate::nats::position::{DATA, MAX_LINES, Position};
+use crate::nats::position::{DATA, MAX_LINES, Position, Stored};
 
 /// Messages pulled at once, at most: what the binding holds for a slow
 /// reader.
@@ -91,7 +91,6 @@ enum Source {
         // Boxed: the pull stream is large, the subscription small.
         messages: Box<pull::Stream>,
         position: Position,
-        resume_until: u64,
     },
 }
 
@@ -181,9 +180,9 @@ async fn serve(
                 ..Default::default()
             };
             let mut config = config;
-            // Stream sequences up to which a delivery may be one that a
-            // killed binding of ours wrote and did not acknowledge.
-            let mut resume_until = 0;
+            // When the consumer this binding replaces was made: its
+            // record of lines written holds for the new one.
+            let mut carried = None;
             if let (Some(name), None) = (&consumer, &opts.queue)
                 && let Ok(info) = stream.consumer_info(name).await
                 && info.num_ack_pending > 0
@@ -194,7 +193,7 @@ async fn serve(
                 // queue group it has one) starts it again right after the
                 // last message acknowledged, so the lines stay in order.
                 let from = info.ack_floor.stream_sequence + 1;
-                resume_until = info.delivered.stream_sequence;
+                carried = Some(stamp(info.created));
                 log::info!(
                     "consumer {name}: {} messages delivered and not acknowledged; \
                      resuming at stream sequence {from}",
@@ -228,19 +227,17 @@ async fn serve(
                 .map_err(|e| js_error(format!("cannot consume {subject}"), e))?;
             let position = Position::open(
                 &binding.dir.dotfile(binding.id.as_str(), "nats"),
-                &stream_name,
-                &consumer_name,
-                &stream
-                    .cached_info()
-                    .created
-                    .unix_timestamp_nanos()
-                    .to_string(),
+                &format!(
+                    "{stream_name} {} {consumer_name}",
+                    stamp(stream.cached_info().created)
+                ),
+                &stamp(c.cached_info().created),
+                carried.as_deref(),
             )?;
             log::info!("consumer {consumer_name} of stream {stream_name}");
             Source::JetStream {
                 messages: Box::new(messages),
                 position,
-                resume_until,
             }
         }
     };
@@ -278,6 +275,11 @@ async fn serve(
     Ok(())
 }
 
+/// A time as the position file names it.
+fn stamp(t: time::OffsetDateTime) -> String {
+    t.unix_timestamp_nanos().to_string()
+}
+
 /// Takes one message and writes its line. A line is written whole or not
 /// begun, so a stop in the middle of the wait leaves nothing half done
 /// (the message then comes again: it was not acknowledged).
@@ -296,11 +298,7 @@ async fn receive(
             };
             writer.write(&message.payload, unread).await
         }
-        Source::JetStream {
-            messages,
-            position,
-            resume_until,
-        } => {
+        Source::JetStream { messages, position } => {
             let mut batch = match messages.next().await {
                 Some(Ok(m)) => vec![m],
                 Some(Err(e)) => {
@@ -336,24 +334,42 @@ async fn receive(
             }
             let mut lines = Vec::with_capacity(batch.len());
             for message in &batch {
-                let (seq, delivered) = match message.info() {
-                    Ok(info) => (info.stream_sequence, info.delivered),
-                    Err(_) => (0, 1),
+                let (m, delivered) = match message.info() {
+                    Ok(info) => (
+                        Stored {
+                            seq: info.stream_sequence,
+                            stamp: info.published.unix_timestamp_nanos() as u64,
+                        },
+                        info.delivered,
+                    ),
+                    Err(_) => (Stored { seq: 0, stamp: 0 }, 1),
                 };
+                let seq = m.seq;
                 let line = message.payload.len() as u64 + 1;
-                match position.resumed(seq) {
+                // Whatever the server says of its deliveries (after a
+                // restart of its own it may not know of one), a message
+                // whose line is in the FIFO is acknowledged only.
+                match position.resumed(m) {
                     Some(rest) => {
                         let done = line.saturating_sub(rest);
                         log::info!(
                             "message {seq}: {done} of its {line} bytes were written before a \
                              restart: writing the rest"
                         );
-                        lines.push((seq, &message.payload[..], done as usize));
+                        lines.push((m, &message.payload[..], done as usize));
                     }
-                    None if (delivered > 1 || seq <= *resume_until) && position.written(seq) => {
-                        log::info!("message {seq} was written before a restart: acknowledged only");
+                    None if position.written(m) => {
+                        log::info!(
+                            "message {seq} (delivered {delivered} times) was written already: \
+                             acknowledged only"
+                        );
                     }
-                    None => lines.push((seq, &message.payload[..], 0)),
+                    None => {
+                        if delivered > 1 {
+                            log::info!("message {seq} delivered {delivered} times, first written");
+                        }
+                        lines.push((m, &message.payload[..], 0));
+                    }
                 }
             }
             writer.splice(position, &lines, unread).await?;
@@ -428,7 +444,7 @@ impl LineWriter {
     async fn splice(
         &mut self,
         position: &mut Position,
-        lines: &[(u64, &[u8], usize)],
+        lines: &[(Stored, &[u8], usize)],
         unread: &impl Fn() -> usize,
     ) -> Result<()> {
         self.line.clear();
@@ -449,7 +465,7 @@ impl LineWriter {
             // for one that goes on).
             let to = self.line.len().min(from + self.spliced.chunk);
             let piece = &self.line[from..to];
-            let entries: Vec<(u64, u64)> = ends
+            let entries: Vec<(Stored, u64)> = ends
                 .iter()
                 .enumerate()
                 .filter(|&(i, &(_, end))| {

@@ -40,12 +40,14 @@ use crate::error::{Error, Result};
 
 /// Slots of the ring: far more than a consumer's unacknowledged messages
 /// ([`crate::nats::input::MAX_ACK_PENDING`]), so a sequence that can come
-/// again is still in it.
-const RING: u64 = 8192;
+/// again is still in it — and, as a server restarted may have forgotten
+/// the acknowledgements of the last seconds before it stopped and deliver
+/// those messages again as new, far more than a consumer takes in those.
+const RING: u64 = 65536;
 const HEADER: usize = 256;
 /// Where the ring and the intents end and the data area begins: a
 /// multiple of any page size, so no data page holds bookkeeping.
-const META: u64 = 128 * 1024;
+const META: u64 = 17 * 64 * 1024;
 /// The data area: twice the largest pipe, so that a whole pipe's worth
 /// can be unread while the next line is put in.
 pub(crate) const DATA: u64 = 2 * crate::fifo::PIPE_CAPACITY as u64;
@@ -55,9 +57,9 @@ pub(crate) const MAX_LINES: usize = 256;
 /// written in turn so that switching from one to the next is a single
 /// store. An intent is `start` (the file offset of its first byte),
 /// `cursor` (the offset the kernel advances), a count, and that many
-/// entries (stream sequence, file offset at which its line ends).
-const CURRENT: u64 = HEADER as u64 + 8 * RING;
-const INTENT: u64 = 24 + 16 * MAX_LINES as u64;
+/// entries (a [`Stored`], the file offset at which its line ends).
+const CURRENT: u64 = HEADER as u64 + 16 * RING;
+const INTENT: u64 = 24 + 24 * MAX_LINES as u64;
 const INTENTS: u64 = CURRENT + 8;
 const START: u64 = 0;
 const CURSOR: u64 = 8;
@@ -65,50 +67,78 @@ const COUNT: u64 = 16;
 const ENTRIES: u64 = 24;
 const LEN: u64 = META + DATA;
 
+/// A message as its stream stores it: its sequence, and when it was
+/// stored (nanoseconds). The two tell it from another that took the same
+/// sequence after a server lost the first one, or in a stream made
+/// again.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    pub(crate) stamp: u64,
+}
+
 pub(crate) struct Position {
     file: File,
     map: *mut u8,
     /// The line the previous binding was splicing when it died, and how
     /// many of its bytes it had not put into the FIFO yet.
-    resumed: Option<(u64, u64)>,
+    resumed: Option<(Stored, u64)>,
+}
+
+fn header(names: &str, made: &str) -> Vec<u8> {
+    let mut header = format!("fifobind-nats 3 {names} {made}\n").into_bytes();
+    header.resize(HEADER, b' ');
+    header
 }
 
 impl Position {
-    /// Opens the record of `stream`/`consumer` at `path` (made anew,
-    /// carrying over what an old one of the same consumer says).
-    /// `made` tells incarnations of the same names apart.
-    pub(crate) fn open(path: &Path, stream: &str, consumer: &str, made: &str) -> Result<Position> {
+    /// Opens the record at `path` of the consumer that `names` (stream,
+    /// when it was made, consumer) and `made` (when the consumer was made)
+    /// tell (made anew, carrying over what an old one of the same consumer
+    /// says, or of the one made at `carried` that the binding replaced).
+    pub(crate) fn open(
+        path: &Path,
+        names: &str,
+        made: &str,
+        carried: Option<&str>,
+    ) -> Result<Position> {
         const _: () = assert!(INTENTS + 2 * INTENT <= META);
         let what = |p: &Path| format!("cannot open {}", p.display());
-        let mut header = format!("fifobind-nats 2 {stream} {consumer} {made}\n").into_bytes();
-        header.resize(HEADER, b' ');
-        let mut ring = vec![0u8; 8 * RING as usize];
+        let header = header(names, made);
+        let mut ring = vec![0u8; 16 * RING as usize];
         let mut resumed = None;
-        if let Ok(old) = old_record(path, &header) {
+        let old = old_record(path, &header).or_else(|e| match carried {
+            Some(carried) => old_record(path, &self::header(names, carried)),
+            None => Err(e),
+        });
+        if let Ok(old) = old {
             let word = |at: u64| {
                 let at = at as usize;
                 u64::from_le_bytes(old[at..at + 8].try_into().expect("8 bytes"))
             };
-            let mut record = |seq: u64| {
-                let at = 8 * (seq % RING) as usize;
-                ring[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+            let stored = |at: u64| Stored {
+                seq: word(at),
+                stamp: word(at + 8),
             };
-            for i in 0..RING {
-                record(word(HEADER as u64 + 8 * i));
-            }
+            ring.copy_from_slice(&old[HEADER..CURRENT as usize]);
+            let mut record = |m: Stored| {
+                let at = 16 * (m.seq % RING) as usize;
+                ring[at..at + 8].copy_from_slice(&m.seq.to_le_bytes());
+                ring[at + 8..at + 16].copy_from_slice(&m.stamp.to_le_bytes());
+            };
             // The lines of the last splice: those it put in whole are
             // written; one it cut is resumed where it stopped.
             let intent = INTENTS + INTENT * (word(CURRENT) & 1);
             let cursor = word(intent + CURSOR);
             let mut from = word(intent + START);
             for i in 0..word(intent + COUNT).min(MAX_LINES as u64) {
-                let seq = word(intent + ENTRIES + 16 * i);
-                let end = word(intent + ENTRIES + 16 * i + 8);
+                let m = stored(intent + ENTRIES + 24 * i);
+                let end = word(intent + ENTRIES + 24 * i + 16);
                 if end <= cursor {
-                    record(seq);
+                    record(m);
                 } else {
                     if from < cursor {
-                        resumed = Some((seq, end - cursor));
+                        resumed = Some((m, end - cursor));
                     }
                     break;
                 }
@@ -162,20 +192,19 @@ impl Position {
         self.word(INTENTS + INTENT * (which & 1) + word)
     }
 
-    /// Whether the line of stream sequence `seq` was written already.
-    pub(crate) fn written(&self, seq: u64) -> bool {
-        seq != 0
-            && self
-                .word(HEADER as u64 + 8 * (seq % RING))
-                .load(Ordering::Acquire)
-                == seq
+    /// Whether the line of message `m` was written already.
+    pub(crate) fn written(&self, m: Stored) -> bool {
+        let at = HEADER as u64 + 16 * (m.seq % RING);
+        m.seq != 0
+            && self.word(at).load(Ordering::Acquire) == m.seq
+            && self.word(at + 8).load(Ordering::Acquire) == m.stamp
     }
 
-    /// If `seq` is the line a killed binding was splicing: how many of
+    /// If `m` is the line a killed binding was splicing: how many of
     /// its bytes it had not put into the FIFO (asked once).
-    pub(crate) fn resumed(&mut self, seq: u64) -> Option<u64> {
+    pub(crate) fn resumed(&mut self, m: Stored) -> Option<u64> {
         match self.resumed {
-            Some((s, rest)) if s == seq => {
+            Some((r, rest)) if r == m => {
                 self.resumed = None;
                 Some(rest)
             }
@@ -183,18 +212,21 @@ impl Position {
         }
     }
 
-    /// The whole line of `seq` is in the FIFO.
-    pub(crate) fn record(&mut self, seq: u64) {
-        self.word(HEADER as u64 + 8 * (seq % RING))
-            .store(seq, Ordering::Release);
+    /// The whole line of `m` is in the FIFO.
+    pub(crate) fn record(&mut self, m: Stored) {
+        let at = HEADER as u64 + 16 * (m.seq % RING);
+        // The sequence last: a line is written once both are there.
+        self.word(at).store(0, Ordering::Relaxed);
+        self.word(at + 8).store(m.stamp, Ordering::Relaxed);
+        self.word(at).store(m.seq, Ordering::Release);
     }
 
     /// Puts `bytes` into the data area at `at` (taken modulo [`DATA`];
     /// the caller keeps them from crossing its end), to be spliced from
-    /// there. `lines` are the lines they hold: each one's stream
-    /// sequence, and where in `bytes` it ends (past their end for a line
-    /// of which they are a first part). Nothing reaches the FIFO yet.
-    pub(crate) fn put(&mut self, at: u64, bytes: &[u8], lines: &[(u64, u64)]) {
+    /// there. `lines` are the lines they hold: each one's message, and
+    /// where in `bytes` it ends (past their end for a line of which they
+    /// are a first part). Nothing reaches the FIFO yet.
+    pub(crate) fn put(&mut self, at: u64, bytes: &[u8], lines: &[(Stored, u64)]) {
         let offset = at % DATA;
         assert!(offset + bytes.len() as u64 <= DATA && lines.len() <= MAX_LINES);
         // SAFETY: inside the data area of the mapping, which no reference
@@ -209,10 +241,12 @@ impl Position {
         }
         let next = self.word(CURRENT).load(Ordering::Relaxed).wrapping_add(1);
         let start = META + offset;
-        for (i, &(seq, end)) in lines.iter().enumerate() {
-            let entry = ENTRIES + 16 * i as u64;
-            self.intent(next, entry).store(seq, Ordering::Relaxed);
+        for (i, &(m, end)) in lines.iter().enumerate() {
+            let entry = ENTRIES + 24 * i as u64;
+            self.intent(next, entry).store(m.seq, Ordering::Relaxed);
             self.intent(next, entry + 8)
+                .store(m.stamp, Ordering::Relaxed);
+            self.intent(next, entry + 16)
                 .store(start + end, Ordering::Relaxed);
         }
         self.intent(next, COUNT)
@@ -276,27 +310,41 @@ fn new_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use std::os::unix::fs::OpenOptionsExt;
 
+    fn m(seq: u64) -> Stored {
+        Stored {
+            seq,
+            stamp: 1000 + seq,
+        }
+    }
+
     #[test]
-    fn a_recorded_sequence_survives_a_reopen_of_the_same_consumer_only() {
+    fn a_recorded_message_survives_a_reopen_of_the_same_consumer_only() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join(".x.nats");
-        let mut p = Position::open(&path, "S", "c", "1").unwrap();
-        assert!(!p.written(5));
-        p.record(5);
-        p.record(5 + RING * 3);
+        let mut p = Position::open(&path, "S 1 c", "1", None).unwrap();
+        assert!(!p.written(m(5)));
+        p.record(m(5));
+        p.record(m(5 + RING * 3));
         drop(p);
-        let p = Position::open(&path, "S", "c", "1").unwrap();
-        assert!(p.written(5 + RING * 3));
-        assert!(!p.written(5), "overwritten by a later sequence");
+        let p = Position::open(&path, "S 1 c", "1", None).unwrap();
+        assert!(p.written(m(5 + RING * 3)));
+        assert!(!p.written(m(5)), "overwritten by a later sequence");
+        let again = Stored {
+            seq: 5 + RING * 3,
+            stamp: 7,
+        };
+        assert!(!p.written(again), "the same sequence, another message");
         drop(p);
-        let p = Position::open(&path, "S", "c", "2").unwrap();
-        assert!(!p.written(5 + RING * 3), "the consumer was made again");
+        let p = Position::open(&path, "S 1 c", "2", Some("1")).unwrap();
+        assert!(p.written(m(5 + RING * 3)), "the binding made it again");
         drop(p);
-        let p = Position::open(&path, "S", "other", "2").unwrap();
-        assert!(!p.written(5 + RING * 3));
+        let p = Position::open(&path, "S 1 c", "3", None).unwrap();
+        assert!(!p.written(m(5 + RING * 3)), "the consumer was made again");
+        drop(p);
+        let p = Position::open(&path, "S 1 other", "3", None).unwrap();
+        assert!(!p.written(m(5 + RING * 3)));
     }
 
     #[test]
@@ -315,33 +363,28 @@ mod tests {
         };
         let mut reader = open(false);
         let writer = open(true);
-        let mut p = Position::open(&path, "S", "c", "1").unwrap();
-        p.put(DATA - 8, b"a\nhello ", &[(6, 2), (7, 11)]);
+        let reopen = || Position::open(&path, "S 1 c", "1", None).unwrap();
+        let mut p = reopen();
+        p.put(DATA - 8, b"a\nhello ", &[(m(6), 2), (m(7), 11)]);
         assert_eq!(p.splice(writer.as_raw_fd(), 8).unwrap(), 8);
-        p.put(0, b"wo\nb\n", &[(7, 3), (8, 5)]);
+        p.put(0, b"wo\nb\n", &[(m(7), 3), (m(8), 5)]);
         assert_eq!(p.splice(writer.as_raw_fd(), 1).unwrap(), 1);
         // As a SIGKILL leaves it: no record, the file as it is.
         std::mem::forget(p);
-        let mut p = Position::open(&path, "S", "c", "1").unwrap();
-        assert_eq!(p.resumed(8), None, "not begun");
-        assert!(!p.written(8));
-        assert_eq!(p.resumed(7), Some(2), "6 bytes, then 1 of the next put");
-        assert!(!p.written(7));
+        let mut p = reopen();
+        assert_eq!(p.resumed(m(8)), None, "not begun");
+        assert!(!p.written(m(8)));
+        assert_eq!(p.resumed(m(7)), Some(2), "6 bytes, then 1 of the next put");
+        assert!(!p.written(m(7)));
         // The FIFO still reads what was spliced, though the file is new.
-        p.put(0, b"XXXXXXXXXXXX", &[(9, 12)]);
+        p.put(0, b"XXXXXXXXXXXX", &[(m(9), 12)]);
         let mut buf = [0u8; 16];
         assert_eq!(reader.read(&mut buf).unwrap(), 9);
         assert_eq!(&buf[..9], b"a\nhello w");
         assert_eq!(p.splice(writer.as_raw_fd(), 12).unwrap(), 12);
         std::mem::forget(p);
-        let mut p = Position::open(&path, "S", "c", "1").unwrap();
-        assert!(p.written(9), "spliced whole, if not recorded");
-        assert_eq!(p.resumed(9), None);
-        p.record(9);
-        p.record(9);
-        drop(p);
-        let mut p = Position::open(&path, "S", "c", "1").unwrap();
-        assert_eq!(p.resumed(9), None, "recorded whole");
-        assert!(p.written(9));
+        let mut p = reopen();
+        assert!(p.written(m(9)), "spliced whole, if not recorded");
+        assert_eq!(p.resumed(m(9)), None);
     }
 }

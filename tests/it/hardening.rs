@@ -54,13 +54,14 @@ fn pool_sigkill_closes_its_bindings() {
         env.leftovers(),
         pool.describe()
     );
-    // They closed properly: each logged why it stopped.
+    // They closed properly: each logged why it stopped (into the pipe
+    // they share with the pool: read by the time it ends, not at once).
     for b in &bindings {
         let tag = format!("bind-input[{}]", b.pid);
         assert!(
-            pool.stderr()
+            pool.wait_stderr(PATIENCE, |s| s
                 .lines()
-                .any(|l| l.contains(&tag) && l.contains("stopping:")),
+                .any(|l| l.contains(&tag) && l.contains("stopping:"))),
             "{tag} did not close properly:\n{}",
             pool.describe()
         );

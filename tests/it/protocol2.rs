@@ -231,9 +231,10 @@ fn a_flood_of_idle_connections_does_not_keep_a_distant_master_out() {
         held.len()
     );
     assert_ran_ok(&out, &pool);
+    // Logged before the pool answered; read from its pipe soon after.
     assert!(
-        pool.stderr()
-            .contains("master 127.0.0.1 authenticated: session m"),
+        pool.wait_stderr(PATIENCE, |s| s
+            .contains("master 127.0.0.1 authenticated: session m")),
         "{}",
         pool.describe()
     );

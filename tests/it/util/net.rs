@@ -162,42 +162,27 @@ pub struct Relay {
     pub port: u16,
     up: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     down: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _acceptor: Acceptor,
 }
 
 impl Relay {
     pub fn start(to: u16) -> Relay {
-        use std::sync::{Arc, Mutex, atomic::AtomicBool};
-        let (listener, port) = listener();
-        listener.set_nonblocking(true).unwrap();
+        use std::sync::{Arc, Mutex};
         let up = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (u, d, s) = (up.clone(), down.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let client = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
-                    }
-                };
-                client.set_nonblocking(false).unwrap();
-                let server = TcpStream::connect(("127.0.0.1", to)).expect("relay: connect");
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (u, d) = (u.clone(), d.clone());
-                std::thread::spawn(move || pump(client, server, u));
-                std::thread::spawn(move || pump(s2, c2, d));
-            }
+        let (u, d) = (up.clone(), down.clone());
+        let acceptor = Acceptor::start(move |client| {
+            let server = TcpStream::connect(("127.0.0.1", to)).expect("relay: connect");
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (u, d) = (u.clone(), d.clone());
+            std::thread::spawn(move || pump(client, server, u));
+            std::thread::spawn(move || pump(s2, c2, d));
         });
         Relay {
-            port,
+            port: acceptor.port,
             up,
             down,
-            stop,
-            thread: Some(thread),
+            _acceptor: acceptor,
         }
     }
 
@@ -212,7 +197,41 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+/// The accepting half of a test's relay: a listener on 127.0.0.1, on a
+/// free port, whose thread hands each client (blocking) to `serve` until
+/// the acceptor is dropped.
+pub(super) struct Acceptor {
+    pub(super) port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Acceptor {
+    pub(super) fn start(mut serve: impl FnMut(TcpStream) + Send + 'static) -> Acceptor {
+        let (listener, port) = listener();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        serve(client);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Acceptor {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -264,7 +283,7 @@ pub enum Cut {
 pub struct FaultRelay {
     pub port: u16,
     shared: std::sync::Arc<FaultShared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    acceptor: Option<Acceptor>,
 }
 
 #[derive(Default)]
@@ -274,47 +293,32 @@ struct FaultShared {
     /// Bumped by each cut; a connection older than it is cut.
     generation: std::sync::atomic::AtomicU64,
     kind: std::sync::Mutex<Option<Cut>>,
+    /// The connections' threads, joined when the relay is dropped.
+    conns: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl FaultRelay {
     pub fn start(to: u16) -> FaultRelay {
-        let (listener, port) = listener();
-        listener.set_nonblocking(true).unwrap();
         let shared = std::sync::Arc::new(FaultShared::default());
         let sh = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !sh.stop.load(Ordering::Relaxed) {
-                let client = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                };
-                if sh.refuse.load(Ordering::Relaxed) {
-                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                    drop(client);
-                    continue;
-                }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
-                    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                    continue;
-                };
-                let born = sh.generation.load(Ordering::SeqCst);
-                let sh2 = sh.clone();
-                conns.push(std::thread::spawn(move || {
-                    fault_pump(client, server, born, &sh2)
-                }));
+        let acceptor = Acceptor::start(move |client| {
+            if sh.refuse.load(Ordering::Relaxed) {
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
             }
-            for c in conns {
-                let _ = c.join();
-            }
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
+            };
+            let born = sh.generation.load(Ordering::SeqCst);
+            let sh2 = sh.clone();
+            let conn = std::thread::spawn(move || fault_pump(client, server, born, &sh2));
+            sh.conns.lock().unwrap().push(conn);
         });
         FaultRelay {
-            port,
+            port: acceptor.port,
             shared,
-            thread: Some(thread),
+            acceptor: Some(acceptor),
         }
     }
 
@@ -333,8 +337,10 @@ impl FaultRelay {
 impl Drop for FaultRelay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // No new connection, then the carried ones end (they see `stop`).
+        drop(self.acceptor.take());
+        for conn in std::mem::take(&mut *self.shared.conns.lock().unwrap()) {
+            let _ = conn.join();
         }
     }
 }
@@ -366,71 +372,56 @@ fn fault_pump(mut client: TcpStream, mut server: TcpStream, born: u64, sh: &Faul
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: client.as_raw_fd(),
-                events: libc::POLLIN
-                    | if to_client.is_empty() {
-                        0
-                    } else {
-                        libc::POLLOUT
-                    },
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: server.as_raw_fd(),
-                events: libc::POLLIN
-                    | if to_server.is_empty() {
-                        0
-                    } else {
-                        libc::POLLOUT
-                    },
-                revents: 0,
-            },
-        ];
+        // Writable matters only with something to write.
+        let pollfd = |s: &TcpStream, pending: &Vec<u8>| libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN | if pending.is_empty() { 0 } else { libc::POLLOUT },
+            revents: 0,
+        };
+        let mut fds = [pollfd(&client, &to_client), pollfd(&server, &to_server)];
         // SAFETY: two pollfds on the stack.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
-        // Reads only while the other side has taken what came before, so
-        // the relay buffers at most one chunk each way.
-        if to_server.is_empty() && fds[0].revents != 0 {
-            match client.read(&mut chunk) {
-                Ok(0) => {
-                    let _ = server.shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-                Ok(n) => to_server.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-        if to_client.is_empty() && fds[1].revents != 0 {
-            match server.read(&mut chunk) {
-                Ok(0) => {
-                    let _ = client.shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-                Ok(n) => to_client.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-        if !to_server.is_empty() {
-            match server.write(&to_server) {
-                Ok(n) => {
-                    to_server.drain(..n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-        if !to_client.is_empty() {
-            match client.write(&to_client) {
-                Ok(n) => {
-                    to_client.drain(..n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
+        let up = fds[0].revents != 0;
+        let down = fds[1].revents != 0;
+        if !carry(&mut client, &mut server, up, &mut to_server, &mut chunk)
+            || !carry(&mut server, &mut client, down, &mut to_client, &mut chunk)
+        {
+            return;
         }
     }
+}
+
+/// One direction of a [`fault_pump`] turn: reads `from` (when `readable`)
+/// only once the other side has taken what came before, so the relay
+/// buffers at most one chunk each way; writes what `pending` holds to
+/// `to`. False once this direction is over (its end passed on, or a
+/// socket failed).
+fn carry(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    readable: bool,
+    pending: &mut Vec<u8>,
+    chunk: &mut [u8],
+) -> bool {
+    if pending.is_empty() && readable {
+        match from.read(chunk) {
+            Ok(0) => {
+                let _ = to.shutdown(std::net::Shutdown::Write);
+                return false;
+            }
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    if !pending.is_empty() {
+        match to.write(pending) {
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }

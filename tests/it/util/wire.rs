@@ -7,7 +7,8 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{listener, skip_or_fail};
+use super::net::Acceptor;
+use super::skip_or_fail;
 
 /// What a [`TamperRelay`] does to the connections it forwards.
 #[derive(Clone, Default)]
@@ -26,71 +27,45 @@ pub struct Tamper {
 /// rewrites as its [`Tamper`] says.
 pub struct TamperRelay {
     pub port: u16,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _acceptor: Acceptor,
 }
 
 impl TamperRelay {
     pub fn start(to: u16, tamper: Tamper) -> TamperRelay {
-        use std::sync::{Arc, atomic::AtomicBool};
-        let (listener, port) = listener();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let client = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
+        let acceptor = Acceptor::start(move |client| {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let t = tamper.clone();
+            let (inject, flip, delay) = (t.inject_up, t.flip_down, t.delay);
+            std::thread::spawn(move || {
+                tamper_pump(client, server, delay, |seen, chunk, out| {
+                    out.extend_from_slice(chunk);
+                    if let Some((after, bytes)) = &inject
+                        && seen < *after
+                        && seen + chunk.len() >= *after
+                    {
+                        out.extend_from_slice(bytes);
                     }
-                };
-                client.set_nonblocking(false).unwrap();
-                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let t = tamper.clone();
-                let (inject, flip, delay) = (t.inject_up, t.flip_down, t.delay);
-                std::thread::spawn(move || {
-                    tamper_pump(client, server, delay, |seen, chunk, out| {
-                        out.extend_from_slice(chunk);
-                        if let Some((after, bytes)) = &inject
-                            && seen < *after
-                            && seen + chunk.len() >= *after
-                        {
-                            out.extend_from_slice(bytes);
-                        }
-                    })
-                });
-                std::thread::spawn(move || {
-                    tamper_pump(s2, c2, delay, |seen, chunk, out| {
-                        out.extend_from_slice(chunk);
-                        if let Some(at) = flip
-                            && (seen..seen + chunk.len()).contains(&at)
-                        {
-                            out[at - seen] ^= 0x01;
-                        }
-                    })
-                });
-            }
+                })
+            });
+            std::thread::spawn(move || {
+                tamper_pump(s2, c2, delay, |seen, chunk, out| {
+                    out.extend_from_slice(chunk);
+                    if let Some(at) = flip
+                        && (seen..seen + chunk.len()).contains(&at)
+                    {
+                        out[at - seen] ^= 0x01;
+                    }
+                })
+            });
         });
         TamperRelay {
-            port,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TamperRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            port: acceptor.port,
+            _acceptor: acceptor,
         }
     }
 }
