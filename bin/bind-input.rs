@@ -1,7 +1,7 @@
 //! bind-input ID PORT: see man/bind-input.1.
-use fifobind::cli;
+use fifobind::{cli, input};
 
 fn main() {
-    let args: cli::BindInput = cli::parse("bind-input");
-    cli::exit("bind-input", args.options().and_then(fifobind::input::run));
+    let opts: input::InputOptions = cli::parse("bind-input");
+    cli::exit("bind-input", opts.resolve().and_then(input::run));
 }

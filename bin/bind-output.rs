@@ -1,10 +1,7 @@
 //! bind-output ID HOST PORT: see man/bind-output.1.
-use fifobind::cli;
+use fifobind::{cli, output};
 
 fn main() {
-    let args: cli::BindOutput = cli::parse("bind-output");
-    cli::exit(
-        "bind-output",
-        args.options().and_then(fifobind::output::run),
-    );
+    let opts: output::OutputOptions = cli::parse("bind-output");
+    cli::exit("bind-output", opts.resolve().and_then(output::run));
 }

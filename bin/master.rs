@@ -1,9 +1,9 @@
 //! master KEY HOST PORT DDIR: see man/master.1.
-use fifobind::cli;
+use fifobind::{cli, master};
 
 fn main() {
-    let args: cli::Master = cli::parse("master");
+    let opts: master::MasterOptions = cli::parse("master");
     // Logging first, so that resolving the key can warn.
     fifobind::logging::to_stderr("master");
-    cli::exit("master", args.options().and_then(fifobind::master::run));
+    cli::exit("master", opts.resolve().and_then(master::run));
 }

@@ -1,9 +1,9 @@
 //! pool KEY PORT: see man/pool.1.
-use fifobind::cli;
+use fifobind::{cli, pool};
 
 fn main() {
-    let args: cli::Pool = cli::parse("pool");
+    let opts: pool::PoolOptions = cli::parse("pool");
     // Logging first, so that resolving the key can warn.
     fifobind::logging::to_stderr("pool");
-    cli::exit("pool", args.options().and_then(fifobind::pool::run));
+    cli::exit("pool", opts.resolve().and_then(pool::run));
 }

@@ -30,16 +30,23 @@ pub(crate) struct Binding {
     watchdog: Option<OwnedFd>,
 }
 
-/// Options every binding command takes.
-#[derive(Clone, Debug, Default)]
+/// Options every binding command takes (flattened into each one's
+/// command line; the `///` comments are their `--help` text).
+#[derive(clap::Args, Clone, Debug, Default)]
 pub(crate) struct BindingOptions {
-    /// Stay in the foreground: print the PID when ready and keep running.
+    /// Stay in the foreground: print the PID once ready, keep running, log
+    /// to stderr (for supervisors such as systemd, a pool or a master)
+    #[arg(short = 'f', long)]
     pub(crate) foreground: bool,
-    /// A pipe's read end held open by a parent; end-of-file on it means the
-    /// parent died, and the binding closes.
+
+    /// Close properly when this inherited descriptor (a pipe's read end)
+    /// reaches end-of-file, i.e. when the process holding its write end dies
+    #[arg(long, value_name = "FD")]
     pub(crate) watchdog_fd: Option<RawFd>,
-    /// With `foreground`: a descriptor to write a newline to once ready
-    /// (s6's notification-fd).
+
+    /// With --foreground: write a newline to this inherited descriptor once
+    /// ready, then close it (s6's notification-fd)
+    #[arg(long, value_name = "FD", requires = "foreground")]
     pub(crate) ready_fd: Option<RawFd>,
 }
 

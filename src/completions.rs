@@ -10,7 +10,6 @@ use std::io::Write;
 use clap::CommandFactory;
 use clap_complete::{Shell, generate};
 
-use crate::cli;
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -69,10 +68,10 @@ pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
         Target::Fish => (Shell::Fish, FISH_LIVE),
     };
     let commands = [
-        ("bind-input", cli::BindInput::command()),
-        ("bind-output", cli::BindOutput::command()),
-        ("pool", cli::Pool::command()),
-        ("master", cli::Master::command()),
+        ("bind-input", crate::input::InputOptions::command()),
+        ("bind-output", crate::output::OutputOptions::command()),
+        ("pool", crate::pool::PoolOptions::command()),
+        ("master", crate::master::MasterOptions::command()),
         ("fifobind", fifobind),
     ];
     let mut out = Vec::new();

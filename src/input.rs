@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
 use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
+use crate::cli::{self, StreamKeyArgs};
 use crate::error::{Error, ExitStatus, Result};
 use crate::fifo::Fifo;
 use crate::framer::{LineBuffer, PipeRoom};
@@ -68,10 +69,6 @@ impl BulkBudget {
 }
 /// How often a finished `--once` binding looks whether its FIFO is empty.
 const DRAIN_CHECK: Duration = Duration::from_millis(20);
-/// The default `--line-timeout` (without `--once`).
-pub(crate) const LINE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The default `--idle-timeout` (without `--once`).
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After running out of descriptors, accepting is retried when a
 /// connection ends, or after this long if none does.
 const ACCEPT_RETRY: Duration = Duration::from_secs(1);
@@ -84,30 +81,95 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_COUNT: u32 = 5;
 
+/// Listen on a TCP port; what arrives is readable, line by line, from the
+/// named pipe <runtime dir>/ID. Prints the PID of the background binding.
+// bind-input's command line (the `///` comments are its `--help` text),
+// then [`InputOptions::resolve`]d.
+#[derive(clap::Parser, Debug)]
+#[command(name = "bind-input", version)]
 pub struct InputOptions {
+    /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
+    #[arg(value_name = "ID")]
     pub(crate) id: Id,
+
+    /// The TCP port to listen on, 1024-49151
+    #[arg(value_name = "PORT")]
     pub(crate) port: Port,
-    /// Listen on this address only.
+
+    /// Listen on this local address only (default: every address, IPv4 and
+    /// IPv6)
+    #[arg(short, long, value_name = "ADDR")]
     pub(crate) bind: Option<IpAddr>,
-    /// Serve one connection; end once it ended and the FIFO was read empty.
+
+    /// Serve a single connection; once it has ended and the FIFO has been
+    /// read empty, remove the FIFO and exit
+    #[arg(long)]
     pub(crate) once: bool,
-    /// Accept connections from these addresses only (empty: any).
+
+    /// Accept connections from these addresses only (ADDR or ADDR/PREFIX;
+    /// repeat the option or separate with commas); others are closed at once
+    #[arg(long, value_name = "ADDR[/PREFIX]", value_delimiter = ',')]
     pub(crate) allow: Vec<Allow>,
-    /// With `once`: give up if nobody connected within this time.
-    pub(crate) accept_timeout: Option<Duration>,
-    /// Connections served at once (0: no limit); more wait in the backlog.
+
+    /// Serve at most N connections at once; further ones wait in the
+    /// listen backlog (0: no limit)
+    #[arg(long, value_name = "N", default_value = "128")]
     pub(crate) max_conns: usize,
-    /// Connections served at once from one address (0: no limit); more
-    /// from it are closed at once.
+
+    /// Serve at most N connections from one address at once; further ones
+    /// from it are closed at once (0: no limit)
+    #[arg(long, value_name = "N", default_value = "0")]
     pub(crate) max_conns_per_addr: usize,
-    /// Close a connection that sent nothing this long after it was accepted.
-    pub(crate) idle_timeout: Option<Duration>,
-    /// How long a connection may keep the FIFO mid-line waiting for the
-    /// rest of its line.
-    pub(crate) line_timeout: Option<Duration>,
-    /// Speak the stream protocol with this secret (see stream.rs).
+
+    /// Close a connection that has sent nothing within SECS seconds of
+    /// connecting (0: never; default 60, never with --once)
+    // `::std::option::Option`: clap then takes the parser's `None` (for
+    // 0) as the value, instead of making the option optional.
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = cli::seconds_or_none,
+        default_value = "60",
+        default_value_if("once", "true", "0"),
+        hide_default_value = true
+    )]
+    pub(crate) idle_timeout: ::std::option::Option<Duration>,
+
+    /// Let a connection hold the FIFO in the middle of a line for SECS
+    /// seconds of waiting for its rest; then complete the line and close
+    /// the connection (0: no limit; default 10, none with --once)
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = cli::seconds_or_none,
+        default_value = "10",
+        default_value_if("once", "true", "0"),
+        hide_default_value = true
+    )]
+    pub(crate) line_timeout: ::std::option::Option<Duration>,
+
+    /// With --once: exit (status 75) if nobody connected within SECS seconds
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds, requires = "once")]
+    pub(crate) accept_timeout: Option<Duration>,
+
+    #[command(flatten)]
+    pub(crate) key_args: StreamKeyArgs,
+
+    /// The stream protocol's secret (see stream.rs), read from `key_args`
+    /// by [`InputOptions::resolve`].
+    #[arg(skip)]
     pub(crate) key: Option<Key>,
+
+    #[command(flatten)]
     pub(crate) common: BindingOptions,
+}
+
+impl InputOptions {
+    /// Reads the key the options name: call it before any thread starts.
+    pub fn resolve(mut self) -> Result<InputOptions> {
+        self.key = self.key_args.resolve()?;
+        Ok(self)
+    }
 }
 
 /// The most sealed bytes a keyed connection holds before they are opened:

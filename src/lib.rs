@@ -4,7 +4,7 @@
 //! module below owns one concern.
 
 mod activation;
-pub mod args;
+mod args;
 mod background;
 mod binding;
 mod claim;

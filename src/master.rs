@@ -27,7 +27,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::args::{Host, Id, Key, Port};
-use crate::cli::ChildBinding;
+use crate::cli::{self, ChildBinding, KeyArgs};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::poll::{IN, PollSet};
@@ -37,15 +37,67 @@ use crate::registry::Kind;
 use crate::signals;
 use crate::supervise::{GRACE, Owner, START_LIMIT, STREAM_KEYS};
 
+/// Run every executable of DDIR as a daemon whose standard output flows,
+/// through a bind-output, to the pool at HOST:PORT.
+// master's command line (the `///` comments are its `--help` text),
+// then [`MasterOptions::resolve`]d.
+#[derive(clap::Parser, Debug)]
+#[command(name = "master", version)]
 pub struct MasterOptions {
-    pub(crate) key: Key,
-    pub(crate) host: Host,
-    pub(crate) port: Port,
-    pub(crate) ddir: PathBuf,
-    /// The session name it asks for (`HELLO`).
-    pub(crate) name: Id,
-    pub(crate) connect_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) key_args: KeyArgs,
+
+    /// Seconds allowed for each step of the protocol exchange
+    #[arg(long = "timeout", value_name = "SECS", value_parser = cli::seconds, default_value = "10")]
     pub(crate) step_timeout: Duration,
+
+    /// The host the pool runs on: a name, an IPv4 or an IPv6 address
+    #[arg(value_name = "HOST")]
+    pub(crate) host: Host,
+
+    /// The pool's TCP port, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub(crate) port: Port,
+
+    /// The directory of daemons: every executable file in it is run
+    #[arg(value_name = "DDIR")]
+    pub(crate) ddir: PathBuf,
+
+    /// Give up connecting (to the pool, and to each daemon's port) after
+    /// SECS seconds
+    #[arg(short = 't', long, value_name = "SECS", value_parser = cli::seconds, default_value = "10")]
+    pub(crate) connect_timeout: Duration,
+
+    /// The session name asked of the pool (its daemons' streams are
+    /// NAME.DAEMON): up to 24 of A-Z a-z 0-9 _ - (default: the short host
+    /// name, other characters made '-')
+    #[arg(
+        short = 'n',
+        long,
+        value_name = "NAME",
+        value_parser = protocol::parse_name,
+        default_value_t = cli::host_name(),
+        hide_default_value = true
+    )]
+    pub(crate) name: Id,
+
+    /// The key, read from `key_args` by [`MasterOptions::resolve`].
+    #[arg(skip)]
+    key: Option<Key>,
+}
+
+impl MasterOptions {
+    /// Reads the key and takes NOTIFY_SOCKET for itself (so that its
+    /// daemons and bindings never inherit it): call it before any thread.
+    pub fn resolve(mut self) -> Result<MasterOptions> {
+        crate::notify::init(None, true)?;
+        self.key = Some(self.key_args.resolve()?);
+        Ok(self)
+    }
+
+    fn key(&self) -> &Key {
+        self.key.as_ref().expect("resolved before run")
+    }
 }
 
 /// The executables of `ddir`, in name order. Entries that cannot be run or
@@ -227,7 +279,7 @@ fn start_all(
         .map_err(|e| Error::io("cannot configure the connection", &e))?;
     owner.stop_on(&mut conn)?;
     let session =
-        protocol::authenticate(&mut conn, &opts.key, &opts.name).map_err(|f| f.at(&pool))?;
+        protocol::authenticate(&mut conn, opts.key(), &opts.name).map_err(|f| f.at(&pool))?;
     log::info!("authenticated with the {pool}: session {session}");
     for (name, path) in list {
         let stream = protocol::stream_name(&session, name).map_err(|e| {

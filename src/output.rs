@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Key, Port};
 use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
+use crate::cli::{self, StreamKeyArgs};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::poll::{IN, OUT, PollSet, TROUBLE};
@@ -32,24 +33,78 @@ const UNSENT_LIMIT: u32 = 16 * 1024;
 /// asks for an exit within a second of the signal.
 const FLUSH_LIMIT: Duration = Duration::from_millis(900);
 
+/// Connect to HOST:PORT; whatever is written into the named pipe
+/// <runtime dir>/ID is sent there. Prints the PID of the background binding.
+// bind-output's command line (the `///` comments are its `--help` text),
+// then [`OutputOptions::resolve`]d.
+#[derive(clap::Parser, Debug)]
+#[command(name = "bind-output", version)]
 pub struct OutputOptions {
+    /// The binding's name: 1-64 characters of A-Z a-z 0-9 . _ -
+    #[arg(value_name = "ID")]
     pub(crate) id: Id,
+
+    /// The host to connect to: a name, an IPv4 or an IPv6 address
+    #[arg(value_name = "HOST")]
     pub(crate) host: Host,
+
+    /// The remote TCP port, 1024-49151
+    #[arg(value_name = "PORT")]
     pub(crate) port: Port,
+
+    /// Give up connecting after SECS seconds (status 75)
+    #[arg(short = 't', long, value_name = "SECS", value_parser = cli::seconds, default_value = "10")]
     pub(crate) connect_timeout: Duration,
-    /// Speak the stream protocol with this secret (see stream.rs).
+
+    #[command(flatten)]
+    pub(crate) key_args: StreamKeyArgs,
+
+    /// The stream protocol's secret (see stream.rs), read from `key_args`
+    /// by [`OutputOptions::resolve`].
+    #[arg(skip)]
     pub(crate) key: Option<Key>,
-    /// Without a key: connect again when the connection breaks.
+
+    /// Without a key: when the connection breaks, connect again (with
+    /// backoff) instead of exiting; what was in flight may be lost
+    #[arg(long, conflicts_with_all = ["key", "key_fd"])]
     pub(crate) reconnect: bool,
-    /// With a key: the most unacknowledged bytes held, and what then.
+
+    /// With a key: hold at most SIZE bytes not yet acknowledged by the
+    /// receiver (K, M, G suffixes)
+    #[arg(long, value_name = "SIZE", value_parser = crate::stream::parse_size, default_value = "8M")]
     pub(crate) spool: usize,
+
+    /// With a key, when the spool is full: block (stop reading the FIFO, so
+    /// writers wait) or drop-oldest (drop the oldest unsent lines, counted
+    /// in the log)
+    #[arg(long, value_name = "POLICY", value_enum, default_value = "block")]
     pub(crate) spool_full: crate::spool::Full,
+
+    /// The longest wait between two attempts to reconnect (the delay starts
+    /// at 0.1 s and doubles, with jitter)
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds, default_value = "5")]
     pub(crate) backoff_max: Duration,
-    /// How long to keep reconnecting after a break (`None`: forever).
+
+    /// Keep trying to reconnect for SECS seconds after a break, then exit
+    /// (status 69); 0: exit at the first break (default: forever)
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds_or_zero)]
     pub(crate) retry_for: Option<Duration>,
-    /// With a key: a receiver silent this long is taken for gone.
+
+    /// With a key: a receiver silent for SECS seconds (it acknowledges
+    /// every second) is taken for gone, and the binding reconnects
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds, default_value = "10")]
     pub(crate) peer_timeout: Duration,
+
+    #[command(flatten)]
     pub(crate) common: BindingOptions,
+}
+
+impl OutputOptions {
+    /// Reads the key the options name: call it before any thread starts.
+    pub fn resolve(mut self) -> Result<OutputOptions> {
+        self.key = self.key_args.resolve()?;
+        Ok(self)
+    }
 }
 
 pub fn run(opts: OutputOptions) -> Result<()> {

@@ -24,12 +24,12 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
 use crate::claim;
-use crate::cli::ChildBinding;
+use crate::cli::{self, ChildBinding, KeyArgs};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::penalty::Penalties;
@@ -57,15 +57,65 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 const BUSY: &str = "busy: too many connections";
 /// Tries at finding a free port before answering ERR.
 const PORT_TRIES: usize = 64;
+/// Wait for a master on PORT; for each daemon it announces, start a
+/// bind-input on a free port and print "NAME PORT FIFO" on stdout.
+// pool's command line (the `///` comments are its `--help` text),
+// then [`PoolOptions::resolve`]d.
+#[derive(clap::Parser, Debug)]
+#[command(name = "pool", version)]
 pub struct PoolOptions {
-    pub(crate) key: Key,
-    pub(crate) port: Port,
-    pub(crate) bind: Option<IpAddr>,
-    pub(crate) ports: (u16, u16),
-    pub(crate) accept_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) key_args: KeyArgs,
+
+    /// Seconds allowed for each step of the protocol exchange
+    #[arg(long = "timeout", value_name = "SECS", value_parser = cli::seconds, default_value = "10")]
     pub(crate) step_timeout: Duration,
-    /// Serve one session, then exit once its bindings have ended.
+
+    /// The TCP port to wait for a master on, 1024-49151
+    #[arg(value_name = "PORT")]
+    pub(crate) port: Port,
+
+    /// Listen (and bind the daemons' ports) on this local address only
+    #[arg(short, long, value_name = "ADDR")]
+    pub(crate) bind: Option<IpAddr>,
+
+    /// The ports the daemons' bindings are chosen from (the default stays
+    /// below the kernel's ephemeral range, 32768 and up)
+    #[arg(long, value_name = "LOW-HIGH", value_parser = cli::port_range, default_value = "20000-32767")]
+    pub(crate) ports: (u16, u16),
+
+    /// Seconds a daemon's binding waits for the master's connection
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds, default_value = "30")]
+    pub(crate) accept_timeout: Duration,
+
+    /// Write a newline to this inherited descriptor once listening, then
+    /// close it (s6's notification-fd)
+    #[arg(long, value_name = "FD")]
+    pub(crate) ready_fd: Option<RawFd>,
+
+    /// Serve one master's session only: then stop listening, and exit once
+    /// its bindings have ended (without it, serve masters until stopped)
+    #[arg(long)]
     pub(crate) once: bool,
+
+    /// The key, read from `key_args` by [`PoolOptions::resolve`].
+    #[arg(skip)]
+    key: Option<Key>,
+}
+
+impl PoolOptions {
+    /// Reads the key and adopts what a service manager passed (readiness
+    /// descriptor, socket): call it before any thread starts.
+    pub fn resolve(mut self) -> Result<PoolOptions> {
+        crate::notify::init(self.ready_fd, true)?;
+        crate::activation::adopt()?;
+        self.key = Some(self.key_args.resolve()?);
+        Ok(self)
+    }
+
+    fn key(&self) -> &Key {
+        self.key.as_ref().expect("resolved before run")
+    }
 }
 
 /// A connection at the door: its handshake under way.
@@ -330,7 +380,7 @@ impl Pool {
             }
             let _ = stream.set_nodelay(true);
             let mut p = Pending {
-                challenge: Challenge::new(&self.opts.key),
+                challenge: Challenge::new(self.opts.key()),
                 deadline: now + self.opts.step_timeout,
                 stream,
                 peer,
@@ -631,8 +681,7 @@ impl Pool {
             if net::listen(self.opts.bind, port).is_err() {
                 continue;
             }
-            let mut child = ChildBinding::input(stream, port);
-            child.once = true;
+            let mut child = ChildBinding::input(&["--once"], stream, port);
             child.allow = vec![net::Allow::from(master)];
             child.accept_timeout = Some(self.opts.accept_timeout);
             child.bind = self.opts.bind;

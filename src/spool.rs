@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 
 /// What to do when the spool is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Full {
     Block,
     DropOldest,

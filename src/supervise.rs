@@ -463,11 +463,14 @@ impl Guardian {
                 pipe: Some(write),
             }),
             ForkResult::Child => {
-                drop(write);
                 // What a service manager passed is the owner's, not ours: a
-                // ready pipe we held would never see end-of-file.
+                // ready pipe we held would never see end-of-file, a socket
+                // we held would outlive the pool. A fork copies every
+                // descriptor (close-on-exec acts at exec only, and Linux
+                // has no close-on-fork): they are closed first thing.
                 crate::notify::forget();
                 crate::activation::forget();
+                drop(write);
                 // A panic must not unwind into the owner's half-made
                 // state, whose drop would remove its bookkeeping.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

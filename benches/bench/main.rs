@@ -5,7 +5,10 @@
 //! for byte what it carried; anything broken stops it with exit status 1,
 //! a missed goal is only reported.
 
+// The tests use all of it (and would report what nobody uses); the
+// benchmark, part.
 #[path = "../../tests/support/procs.rs"]
+#[allow(dead_code)]
 mod procs;
 
 mod figures;

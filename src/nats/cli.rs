@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::args::Id;
-use crate::cli::CommonArgs;
+use crate::binding::BindingOptions;
 use crate::error::{Error, Result};
 
 /// A NATS subject: dot-separated tokens, no white space.
@@ -160,7 +160,7 @@ pub struct NatsOutput {
     pub(crate) connect: ConnectArgs,
 
     #[command(flatten)]
-    pub(crate) common: CommonArgs,
+    pub(crate) common: BindingOptions,
 }
 
 /// Where a new consumer starts in its stream.
@@ -250,7 +250,7 @@ pub struct NatsInput {
     pub(crate) connect: ConnectArgs,
 
     #[command(flatten)]
-    pub(crate) common: CommonArgs,
+    pub(crate) common: BindingOptions,
 }
 
 /// nats-output's options, its secrets read (call before any thread).
@@ -261,7 +261,7 @@ pub fn output_options(a: NatsOutput) -> Result<crate::nats::output::OutputOption
         stream: a.stream,
         core: a.core,
         settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common.into(),
+        common: a.common,
     })
 }
 
@@ -276,6 +276,6 @@ pub fn input_options(a: NatsInput) -> Result<crate::nats::input::InputOptions> {
         stream: a.stream,
         core: a.core,
         settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common.into(),
+        common: a.common,
     })
 }

@@ -16,10 +16,10 @@ type Definition = fn() -> clap::Command;
 
 /// Each command with its clap definition; its page is `man/<name>.1`.
 const COMMANDS: &[(&str, Definition)] = &[
-    ("bind-input", fifobind::cli::BindInput::command),
-    ("bind-output", fifobind::cli::BindOutput::command),
-    ("pool", fifobind::cli::Pool::command),
-    ("master", fifobind::cli::Master::command),
+    ("bind-input", fifobind::input::InputOptions::command),
+    ("bind-output", fifobind::output::OutputOptions::command),
+    ("pool", fifobind::pool::PoolOptions::command),
+    ("master", fifobind::master::MasterOptions::command),
     ("fifobind", fifobind::ctl::Fifobind::command),
 ];
 

@@ -286,6 +286,59 @@ fn pool_serves_the_socket_of_systemd_socket_activate() {
     env.assert_clean();
 }
 
+/// The sockets `pid` holds, as /proc names them (`socket:[INODE]`).
+fn sockets_of(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().to_string())
+        .filter(|l| l.starts_with("socket:"))
+        .collect()
+}
+
+#[test]
+fn a_socket_activated_pools_guardian_does_not_hold_the_socket() {
+    if !has_socket_activate() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let p = port.to_string();
+    let mut pool = socket_activate(&env, port, &[POOL, "k3y", &p]);
+    // The first connection starts it (and is then turned away).
+    let _first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(
+        pool.wait_stderr(PATIENCE, |s| s.contains("waiting for a master")),
+        "{}",
+        pool.describe()
+    );
+    let listening = std::fs::read_link(format!("/proc/{}/fd/3", pool.pid()))
+        .map(|l| l.to_string_lossy().to_string())
+        .unwrap();
+    assert!(listening.starts_with("socket:"), "{listening}");
+    // The guardian is forked before the pool listens: its only child now.
+    let mut guardian = Vec::new();
+    assert!(
+        wait_for(PATIENCE, || {
+            guardian = children(pool.pid());
+            guardian.len() == 1
+        }),
+        "{guardian:?}"
+    );
+    let held = sockets_of(guardian[0]);
+    assert!(
+        !held.contains(&listening),
+        "the guardian {} holds the pool's socket {listening}: {held:?}",
+        guardian[0]
+    );
+    kill(pool.pid(), libc::SIGTERM);
+    let status = pool.wait(PATIENCE).expect("the pool ends");
+    assert_eq!(status.code(), Some(143), "{}", pool.describe());
+    env.assert_clean();
+}
+
 #[test]
 fn a_socket_activated_binding_on_another_port_than_its_port_argument_is_refused() {
     if !has_socket_activate() {

@@ -5,8 +5,6 @@
 //! are nobody's children), killing them, and their memory and CPU, all
 //! read from /proc.
 
-#![allow(dead_code)]
-
 use std::fs;
 use std::time::{Duration, Instant};
 
