@@ -280,15 +280,17 @@ fn reopening_bash_reader_loses_nothing() {
         r#"
         pid=$(bind-input burst {port}) || exit
         fifo=$(fifobind path burst)
-        line=
         while true; do
-            IFS= read -r -t 1 part < "$fifo"; status=$?
-            line+=$part
-            (( status > 128 )) && continue
-            (( status != 0 )) && break
-            [ -z "$line" ] && continue
+            IFS= read -r -t 1 -N 1 line < "$fifo"; status=$?
+            if [ -z "$line" ]; then
+                (( status > 128 )) && continue
+                break
+            fi
+            [ "$line" = $'\n' ] && continue
+            IFS= read -r rest < "$fifo"
+            line+=$rest
             [ "$line" = END ] && break
-            echo "$line"; line=
+            echo "$line"
         done
         kill "$pid"
         "#

@@ -256,7 +256,7 @@ fn every_page_has_the_fixed_sections_in_order() {
     }
 }
 
-/// The pages show the reading loop that keeps a timed-out part (see
+/// The pages show the reading loop that times out between lines only (see
 /// tests/it/seed.rs, which runs it), not the naive one that splits lines.
 #[test]
 fn pages_show_the_documented_reading_loop() {

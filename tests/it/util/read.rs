@@ -11,19 +11,22 @@ use std::time::{Duration, Instant};
 use super::PATIENCE;
 
 /// The reading loop README.md, bind-input(1) and fifobind(7) show, as
-/// they show it (port 9999): it keeps the part a timed-out `read` returns
-/// and completes it, so no line is seen split (tests/it/seed.rs runs it).
+/// they show it (port 9999): it waits with a timeout for a line's first
+/// byte only and reads the rest with none, so no timeout falls inside a
+/// line and no line is seen split or glued (tests/it/seed.rs runs it).
 pub const SEED_LOOP: &str = r#"pid=$(bind-input in1 9999)
 fifo=$(fifobind path in1)
-line=
 while true; do
-    IFS= read -r -t 1 part < "$fifo"; status=$?
-    line+=$part
-    (( status > 128 )) && continue  # this second: nothing, or part of a line
-    (( status != 0 )) && break      # the binding is gone
-    [ -z "$line" ] && continue      # an empty message: ignored
+    IFS= read -r -t 1 -N 1 line < "$fifo"; status=$?  # a line's first byte
+    if [ -z "$line" ]; then
+        (( status > 128 )) && continue  # nothing this second
+        break                           # the binding is gone
+    fi
+    [ "$line" = $'\n' ] && continue     # an empty message: ignored
+    IFS= read -r rest < "$fifo"         # the rest: lines come whole
+    line+=$rest
     [ "$line" = END ] && break
-    echo "got: $line"; line=
+    echo "got: $line"
 done
 kill "$pid"
 "#;
