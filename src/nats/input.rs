@@ -4,18 +4,22 @@
 //! consumer — durable when named, so the server remembers its place — at
 //! most [`BATCH`] messages at a time, and acknowledges each only once its
 //! line is in the FIFO: when the reader is slow the FIFO fills, the
-//! binding stops pulling, and memory stays bounded. A line's stream
-//! sequence is recorded right after its write ([`Position`]), so a
-//! binding killed before its acknowledgement reached the server does not
-//! write the line again once restarted. Bindings sharing a durable
-//! consumer (or a queue group, which names one) share its messages.
+//! binding stops pulling, and memory stays bounded. Lines are spliced
+//! into the FIFO from [`Position`]'s record, which knows at every instant
+//! which messages' lines are in, so a binding killed before its
+//! acknowledgements reached the server, or a server restarted before it
+//! stored them, does not make a line come twice: a message found there
+//! is acknowledged only, whatever the server's count of its deliveries.
+//! Bindings sharing a durable consumer (or a queue group, which names
+//! one) share its messages.
 //!
 //! Otherwise core NATS: a subscription (a queue group's, if given), at
 //! most once; the client buffers a bounded number of messages for a slow
 //! reader and drops the rest.
 //!
-//! Lines go into the FIFO as bind-input writes them: whole, as far as the
-//! kernel takes them whole ([`PipeRoom`]).
+//! Lines go into the FIFO whole, as far as the kernel takes them whole:
+//! written ones as bind-input writes them ([`PipeRoom`]), spliced ones
+//! as [`Spliced`] counts the pipe's slots.
 
 use std::collections::VecDeque;
 use std::io;

@@ -5,11 +5,13 @@
 //! A message is acknowledged only once its line is in the FIFO; but the
 //! acknowledgement is a message of its own, and a binding killed after
 //! the write and before the acknowledgement reached the server gets the
-//! line again when it restarts. So each line's stream sequence is also
-//! recorded in `<runtime dir>/.ID.nats`, a ring indexed by sequence: a
-//! redelivered message found there was written already, and is only
-//! acknowledged. A header names the stream and consumer (and when each
-//! was made), so another one, or the same name made again, starts afresh.
+//! line again when it restarts; so does a server restarted before it
+//! stored the acknowledgements. So each line's message (its stream
+//! sequence and the time the stream stored it) is also recorded in
+//! `<runtime dir>/.ID.nats`, a ring indexed by sequence: a message found
+//! there was written already, and is only acknowledged. A header names
+//! the stream and consumer (and when each was made), so another one, or
+//! the same name made again, starts afresh.
 //!
 //! Recording after a `write(2)` leaves a window: a SIGKILL that comes
 //! while the write runs takes effect as it returns, before the record —

@@ -132,16 +132,17 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Asserts every line of `want` came once, and nothing else (the
-/// bindings' logs, but their debug lines, if not).
-fn assert_once(got: &[String], want: &[String], env: &Env) {
-    let logs = || {
-        env.logs()
-            .lines()
-            .filter(|l| !l.contains("DEBUG") && !l.contains("TRACE"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+/// The bindings' logs, but their debug lines.
+fn logs(env: &Env) -> String {
+    env.logs()
+        .lines()
+        .filter(|l| !l.contains("DEBUG") && !l.contains("TRACE"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts no line came twice (the logs if one did); the lines seen.
+fn assert_none_twice<'a>(got: &'a [String], env: &Env) -> std::collections::HashSet<&'a str> {
     let mut seen = std::collections::HashSet::new();
     let dups: Vec<&String> = got.iter().filter(|l| !seen.insert(l.as_str())).collect();
     assert!(
@@ -149,15 +150,22 @@ fn assert_once(got: &[String], want: &[String], env: &Env) {
         "{} lines twice, e.g. {:?}\n{}",
         dups.len(),
         &dups[..dups.len().min(3)],
-        logs()
+        logs(env)
     );
+    seen
+}
+
+/// Asserts every line of `want` came once, and nothing else (the
+/// bindings' logs if not).
+fn assert_once(got: &[String], want: &[String], env: &Env) {
+    let seen = assert_none_twice(got, env);
     let missing: Vec<&String> = want.iter().filter(|l| !seen.contains(l.as_str())).collect();
     assert!(
         missing.is_empty(),
         "{} lines lost, e.g. {:?}\n{}",
         missing.len(),
         &missing[..missing.len().min(3)],
-        logs()
+        logs(env)
     );
     assert_eq!(got.len(), want.len());
 }
@@ -377,7 +385,7 @@ fn nats_consumer_sigkilled_many_times_writes_every_line_once() {
         return;
     };
     let url = server.url();
-    let (n, kills): (usize, usize) = (24_000, 12);
+    let (n, kills): (usize, usize) = (12_000, 10);
     let pad = "y".repeat(200);
     let want: Vec<String> = (0..n).map(|i| format!("m {i} {pad}")).collect();
     let output = env.start(
@@ -501,14 +509,7 @@ fn server_restarted(n: usize, part: usize, sig: i32) {
         got.len()
     );
     if sig == libc::SIGKILL {
-        let mut seen = std::collections::HashSet::new();
-        let twice: Vec<&String> = got.iter().filter(|l| !seen.insert(*l)).collect();
-        assert!(
-            twice.is_empty(),
-            "{} lines twice, e.g. {:?}",
-            twice.len(),
-            &twice[..twice.len().min(3)]
-        );
+        assert_none_twice(&got, &env);
     } else {
         assert_once(&got, &want, &env);
     }
