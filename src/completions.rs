@@ -60,7 +60,8 @@ complete -c fifobind -n '__fish_seen_subcommand_from stop path' -f -a '(fifobind
 "#;
 
 /// The script for `shell`: the four commands' and `fifobind`'s (whose
-/// clap definition lives in its main), then the live names.
+/// clap definition lives in its main), then the live names. The zsh one
+/// may be sourced or installed as `_fifobind` in `$fpath`.
 pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
     let (generator, live) = match shell {
         Target::Bash => (Shell::Bash, BASH_LIVE),
@@ -75,11 +76,50 @@ pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
         ("fifobind", fifobind),
     ];
     let mut out = Vec::new();
+    if let Target::Zsh = shell {
+        let names: Vec<&str> = commands.iter().map(|(name, _)| *name).collect();
+        out.extend_from_slice(format!("#compdef {}\n", names.join(" ")).as_bytes());
+    }
     for (name, mut command) in commands {
-        generate(generator, &mut command, name, &mut out);
+        let mut one = Vec::new();
+        generate(generator, &mut command, name, &mut one);
+        if let Target::Zsh = shell {
+            one = zsh_part(&String::from_utf8_lossy(&one), name).into_bytes();
+        }
+        out.extend_from_slice(&one);
     }
     out.extend_from_slice(live.as_bytes());
+    if let Target::Zsh = shell {
+        out.extend_from_slice(ZSH_AUTOLOADED.as_bytes());
+    }
     out
+}
+
+/// Autoloaded from a `_fifobind` file in `$fpath` (as the package installs
+/// it) for any of the five commands, the script has just defined their
+/// functions: it completes the command at hand with its own.
+const ZSH_AUTOLOADED: &str = r#"
+if [[ $funcstack[1] == _fifobind ]]; then
+    case $service in
+        fifobind) _fifobind_live "$@" ;;
+        *) _$service "$@" ;;
+    esac
+fi
+"#;
+
+/// One command's part of the zsh script, made fit for one file of five
+/// commands, sourced or autoloaded: clap writes a file per command (its
+/// own `#compdef` line, and a tail that completes at once when autoloaded
+/// under its name); here the five only register their functions, and
+/// [`ZSH_AUTOLOADED`] completes.
+fn zsh_part(text: &str, name: &str) -> String {
+    let tail = format!(
+        "if [ \"$funcstack[1]\" = \"_{name}\" ]; then\n    _{name} \"$@\"\nelse\n    compdef _{name} {name}\nfi\n"
+    );
+    let body = text
+        .strip_prefix(&format!("#compdef {name}\n"))
+        .unwrap_or(text);
+    body.replace(&tail, &format!("compdef _{name} {name}\n"))
 }
 
 pub(crate) fn run(args: CompletionsArgs, fifobind: clap::Command) -> Result<()> {

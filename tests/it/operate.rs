@@ -720,6 +720,49 @@ fn completions_load_in_bash_and_offer_the_live_names() {
     env.assert_clean();
 }
 
+/// The zsh script works both ways it is used: installed as `_fifobind` in
+/// `$fpath` (the package's vendor-completions file), where its `#compdef`
+/// line claims all five commands and, loaded once, it registers each
+/// one's function; and sourced.
+#[test]
+fn zsh_completions_load_autoloaded_for_all_five_commands_and_sourced() {
+    if !have_tool("zsh", "zsh") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(FIFOBIND, &["completions", "zsh"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let fpath = env.tmp().join("zfunc");
+    std::fs::create_dir(&fpath).unwrap();
+    std::fs::write(fpath.join("_fifobind"), &out.stdout).unwrap();
+    let script = format!(
+        r#"fpath=({dir} $fpath); autoload -Uz compinit; compinit -u -d {dir}/dump
+        comps() {{ print -r -- "$1: $_comps[bind-input] $_comps[bind-output] $_comps[pool] $_comps[master] $_comps[fifobind]"; }}
+        comps autoload
+        # What completing `pool ` first does: load the file for it.
+        service=pool; _fifobind 2>/dev/null
+        comps loaded
+        source {dir}/_fifobind
+        comps sourced"#,
+        dir = fpath.display()
+    );
+    let out = run_with_timeout(
+        env.cmd("zsh")
+            .args(["-f", "-c", &script])
+            .env("PATH", path_with_bins()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text.contains("autoload: _fifobind _fifobind _fifobind _fifobind _fifobind\n"),
+        "{text}"
+    );
+    let registered = "_bind-input _bind-output _pool _master _fifobind_live\n";
+    assert!(text.contains(&format!("loaded: {registered}")), "{text}");
+    assert!(text.contains(&format!("sourced: {registered}")), "{text}");
+    env.assert_clean();
+}
+
 // ---------------------------------------------------------------------
 // The example units of scripts/examples.
 
