@@ -33,10 +33,20 @@ pub fn parse<T: Parser>(program: &str) -> T {
                 let _ = err.print();
                 std::process::exit(0);
             }
-            eprintln!("{program}: {} (see '{program} --help')", one_line(&err));
+            say(&format!(
+                "{program}: {} (see '{program} --help')",
+                one_line(&err)
+            ));
             std::process::exit(ExitStatus::Usage.code());
         }
     }
+}
+
+/// Writes `line` and a newline to stderr in one write(2): `eprintln!`
+/// writes its pieces one by one, and a shell writing to the same stderr
+/// at that moment cut the line ("bind-inputbash: ...: cannot open ...").
+fn say(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// clap's message without its usage block, on one line.
@@ -62,7 +72,7 @@ pub fn exit(program: &str, result: Result<()>) -> ! {
         Err(err) => {
             // A stop by signal was logged already; it is not an error.
             if !err.message.is_empty() {
-                eprintln!("{program}: {err}");
+                say(&format!("{program}: {err}"));
             }
             std::process::exit(err.status.code())
         }

@@ -534,7 +534,10 @@ fn output_to_a_remote_that_never_reads_blocks_the_writer() {
     binding.stop(libc::SIGTERM);
     let took = signalled.elapsed();
     println!("stalled remote: SIGTERM ended the binding in {took:?}");
-    assert!(took < Duration::from_millis(1500), "exit took {took:?}");
+    // It gives up flushing after 0.9 s; the rest of the bound is for a
+    // loaded machine (1.66 s seen under two CPU hogs). Waiting for the
+    // remote would be forever.
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
     let outcome = writer_done
         .recv_timeout(Duration::from_secs(5))
         .expect("the blocked writer is released");
