@@ -83,6 +83,8 @@ pub fn run(opts: OutputOptions) -> Result<()> {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
+            // Before the status starts: its first write names the peer.
+            crate::status::peer_added(&peer);
             if first {
                 log::info!(
                     "{} connected to {peer}, FIFO {}",
@@ -98,7 +100,6 @@ pub fn run(opts: OutputOptions) -> Result<()> {
                 binding.ready(ready);
                 first = false;
             }
-            crate::status::peer_added(&peer);
             let mut relay = Outbound {
                 binding: &mut *binding,
                 stream,
@@ -526,13 +527,16 @@ fn run_keyed(opts: OutputOptions) -> Result<()> {
             link.peer,
             binding.fifo.path().display()
         );
+        // The bytes pass through the process here (they are sealed), so
+        // lines are counted.
+        crate::status::count_lines();
+        crate::status::peer_added(&link.peer);
         crate::status::start_binding(
             binding,
             "bind-output",
             opts.port.0,
             Some(opts.host.as_str()),
         );
-        crate::status::peer_added(&link.peer);
         binding.ready(ready);
         let mut sender = Sender {
             binding,
@@ -681,6 +685,7 @@ impl Sender<'_> {
                 Ok(0) => return Ok(true),
                 Ok(n) => {
                     crate::status::add_in(n);
+                    crate::status::add_lines_in(crate::framer::count_lines(&buf[..n]));
                     self.spool.push(&buf[..n]);
                     self.log_drops(false);
                 }
@@ -864,6 +869,7 @@ fn fill_out(link: &mut Link, spool: &mut crate::spool::Spool, fifo_eof: bool) {
         if n == 0 {
             break;
         }
+        let lines = crate::framer::count_lines(a) + crate::framer::count_lines(b);
         if b.is_empty() {
             link.channel.sealer.seal_data(a, &mut link.out);
         } else {
@@ -871,6 +877,7 @@ fn fill_out(link: &mut Link, spool: &mut crate::spool::Spool, fifo_eof: bool) {
             link.channel.sealer.seal_data(&joined, &mut link.out);
         }
         crate::status::add_out(n);
+        crate::status::add_lines_out(lines);
         spool.sent(n);
     }
     if fifo_eof && !link.close_sent && spool.unsent(1).0.is_empty() && spool.unsent(1).1.is_empty()
