@@ -387,8 +387,9 @@ pub(crate) fn peer_gone(peer: impl std::fmt::Display) {
 pub(crate) fn finish() {
     STOPPED.store(true, Ordering::Relaxed);
     if let Some(p) = lock().publisher.take() {
+        // No temporary file is left: a write is done under the lock, and
+        // one that failed removed its own.
         let _ = fs::remove_file(&p.path);
-        let _ = fs::remove_file(p.path.with_extension("status-new"));
     }
 }
 
