@@ -28,6 +28,9 @@ pub(crate) struct Binding {
     claim: Option<Claim>,
     pub(crate) fifo: Fifo,
     watchdog: Option<OwnedFd>,
+    /// The process serving it, once known (its claim records it), so that
+    /// the status need not read /proc again.
+    pub(crate) me: Option<ProcessId>,
 }
 
 /// Options every binding command takes (flattened into each one's
@@ -103,6 +106,7 @@ impl Binding {
             claim: Some(claim),
             fifo,
             watchdog,
+            me: None,
         })
     }
 
@@ -150,6 +154,7 @@ impl Binding {
                     Error::io(format!("{} (reading /proc/self/stat)", what()), &why)
                 })?;
                 claim.record(me).map_err(|e| Error::io(what(), &e))?;
+                self.me = Some(me);
                 let stop = StopEvents {
                     signals: Signals::block(&[signals::DRAIN]).map_err(|e| {
                         Error::new(e.status, format!("cannot set up the signals: {e}"))

@@ -23,6 +23,18 @@ pub(crate) struct LineBuffer {
     eof: bool,
     /// The last byte given out was not a newline: a line is half out.
     mid_line: bool,
+    /// Newlines in `buf[start..end]`, counted as they come in.
+    held: usize,
+    /// The length of what [`LineBuffer::writable`] offered last: always
+    /// up to the last newline held, so all `held` go out with it.
+    offered: usize,
+    /// Newlines added to complete a last line, not yet reported.
+    completed: usize,
+}
+
+/// The newlines in `bytes` (vectorised: a fraction of a copy's cost).
+pub(crate) fn count_lines(bytes: &[u8]) -> usize {
+    memchr::memchr_iter(b'\n', bytes).count()
 }
 
 impl LineBuffer {
@@ -34,6 +46,9 @@ impl LineBuffer {
             end: 0,
             eof: false,
             mid_line: false,
+            held: 0,
+            offered: 0,
+            completed: 0,
         }
     }
 
@@ -81,8 +96,20 @@ impl LineBuffer {
         !self.eof && self.cap - self.end >= n
     }
 
-    pub(crate) fn filled(&mut self, n: usize) {
+    /// Returns the newlines among them (lines come in).
+    pub(crate) fn filled(&mut self, n: usize) -> usize {
+        let lines = count_lines(&self.buf[self.end..self.end + n]);
+        self.held += lines;
         self.end += n;
+        // An offer made before holds fewer newlines than there are now.
+        self.offered = 0;
+        lines
+    }
+
+    /// How many last lines were completed with a newline since the last
+    /// call: lines that came in without one.
+    pub(crate) fn take_completed(&mut self) -> usize {
+        std::mem::take(&mut self.completed)
     }
 
     /// No more input: what is left is passed on, with a newline.
@@ -108,8 +135,12 @@ impl LineBuffer {
                 self.buf[0] = b'\n';
                 self.start = 0;
                 self.end = 1;
+                self.held += 1;
+                self.completed += 1;
+                self.offered = 1;
                 return &self.buf[..1];
             }
+            self.offered = 0;
             return &[];
         }
         let len = match memchr::memrchr(b'\n', &self.buf[self.start..self.end]) {
@@ -117,25 +148,38 @@ impl LineBuffer {
             None if self.eof => {
                 self.buf[self.end] = b'\n';
                 self.end += 1;
+                self.held += 1;
+                self.completed += 1;
                 pending + 1
             }
             None if self.mid_line || pending == self.cap => pending,
             None => 0,
         };
+        self.offered = len;
         &self.buf[self.start..self.start + len]
     }
 
     /// `n` bytes of what [`LineBuffer::writable`] offered were given out.
-    pub(crate) fn consumed(&mut self, n: usize) {
+    /// Returns the newlines among them (lines go out): all those held when
+    /// the whole offer went, else counted (the FIFO took less).
+    pub(crate) fn consumed(&mut self, n: usize) -> usize {
         if n == 0 {
-            return;
+            return 0;
         }
+        let lines = if n == self.offered {
+            self.held
+        } else {
+            count_lines(&self.buf[self.start..self.start + n])
+        };
+        self.held -= lines;
+        self.offered = 0;
         self.mid_line = self.buf[self.start + n - 1] != b'\n';
         self.start += n;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
+        lines
     }
 
     /// Gives up on the rest of the stream: what is buffered is dropped,
@@ -145,6 +189,8 @@ impl LineBuffer {
         let dropped = self.end - self.start;
         self.start = 0;
         self.end = 0;
+        self.held = 0;
+        self.offered = 0;
         self.eof = true;
         dropped
     }
@@ -307,9 +353,16 @@ mod tests {
 
     /// Feeds `input` in chunks of the given sizes, gives out what is
     /// writable in pieces of the given sizes (a FIFO taking less than
-    /// offered), and returns every piece given out.
-    fn run(cap: usize, input: &[u8], reads: &[usize], writes: &[usize]) -> Vec<Vec<u8>> {
+    /// offered), and returns every piece given out, with the lines the
+    /// buffer counted in and out.
+    fn run(
+        cap: usize,
+        input: &[u8],
+        reads: &[usize],
+        writes: &[usize],
+    ) -> (Vec<Vec<u8>>, usize, usize) {
         let mut lb = LineBuffer::new(cap);
+        let (mut lines_in, mut lines_out) = (0, 0);
         let mut fed = 0;
         let mut out = Vec::new();
         let (mut r, mut w) = (0, 0);
@@ -323,7 +376,7 @@ mod tests {
                 let space = lb.space();
                 let n = want.min(space.len()).min(input.len() - fed);
                 space[..n].copy_from_slice(&input[fed..fed + n]);
-                lb.filled(n);
+                lines_in += lb.filled(n);
                 fed += n;
             } else if fed == input.len() && !lb.eof {
                 lb.end_of_stream();
@@ -333,10 +386,11 @@ mod tests {
                 let n = writes[w % writes.len()].clamp(1, offer.len());
                 w += 1;
                 out.push(offer[..n].to_vec());
-                lb.consumed(n);
+                lines_out += lb.consumed(n);
+                lines_in += lb.take_completed();
             }
         }
-        out
+        (out, lines_in, lines_out)
     }
 
     proptest! {
@@ -345,7 +399,8 @@ mod tests {
         /// Whatever the input and however it arrives and leaves: every
         /// byte comes out once, in order, completed by a newline; and
         /// whenever nothing is half out, what came out so far ends at a
-        /// line's end, unless a line was longer than the buffer.
+        /// line's end, unless a line was longer than the buffer. The lines
+        /// counted in and out are the lines of the input.
         #[test]
         fn lines_come_out_whole_and_complete(
             input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'x'), any::<u8>()], 0..3000),
@@ -355,13 +410,19 @@ mod tests {
             greedy in any::<bool>(),
         ) {
             let writes = if greedy { vec![usize::MAX] } else { writes };
-            let pieces = run(cap, &input, &reads, &writes);
+            let (pieces, lines_in, lines_out) = run(cap, &input, &reads, &writes);
             let got: Vec<u8> = pieces.concat();
             let mut want = input.clone();
             if want.last().is_some_and(|&b| b != b'\n') {
                 want.push(b'\n');
             }
             prop_assert_eq!(&got, &want);
+            // Lines counted as they come and go are the lines there are,
+            // however the FIFO cut the offers (a last line without its
+            // newline counts, once completed).
+            let lines = count_lines(&want);
+            prop_assert_eq!(lines_in, lines);
+            prop_assert_eq!(lines_out, lines);
             let longest = input.split(|&b| b == b'\n').map(<[u8]>::len).max().unwrap_or(0);
             // With a FIFO that takes whatever is offered, pieces end at
             // line ends unless some line did not fit the buffer.

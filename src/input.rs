@@ -202,6 +202,8 @@ pub fn run(opts: InputOptions) -> Result<()> {
             binding.fifo.path().display(),
             atomic_size(capacity),
         );
+        // Every byte passes through the line buffers: lines are counted.
+        crate::status::count_lines();
         crate::status::start_binding(binding, "bind-input", opts.port.0, None);
         binding.ready(ready);
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
@@ -430,7 +432,7 @@ impl Client {
             return self.fill_raw();
         }
         let n = self.stream.read(self.lines.space())?;
-        self.lines.filled(n);
+        crate::status::add_lines_in(self.lines.filled(n));
         self.received += n as u64;
         if self.lines.is_full() && self.lines.capacity() < BULK_BUFFER && self.bulk.take() {
             self.lines.grow(BULK_BUFFER);
@@ -1002,7 +1004,7 @@ impl Inbound<'_> {
                 (Step::Naming, Frame::Line(line)) => self.name_stream(idx, &line)?,
                 (Step::Streaming, Frame::Data(d)) => {
                     conn.lines.space()[..d.len()].copy_from_slice(&d);
-                    conn.lines.filled(d.len());
+                    crate::status::add_lines_in(conn.lines.filled(d.len()));
                     k.buffered += d.len() as u64;
                 }
                 (Step::Streaming, Frame::Close) => {
@@ -1144,7 +1146,8 @@ impl Inbound<'_> {
                         log::warn!("the FIFO took {n} of {len} bytes: a line was split");
                     }
                     crate::status::add_out(n);
-                    conn.lines.consumed(n);
+                    crate::status::add_lines_out(conn.lines.consumed(n));
+                    crate::status::add_lines_in(conn.lines.take_completed());
                     if let Some(k) = conn.keyed.as_mut() {
                         let credit = (n as u64).min(k.buffered);
                         k.buffered -= credit;

@@ -17,6 +17,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Host, Id, Key, Port};
+use crate::background::Ready;
 use crate::binding::{Binding, BindingOptions, Reason, StopEvents};
 use crate::cli::{self, StreamKeyArgs};
 use crate::error::{Error, ExitStatus, Result};
@@ -111,49 +112,27 @@ pub fn run(opts: OutputOptions) -> Result<()> {
     if opts.key.is_some() {
         return run_keyed(opts);
     }
-    let binding = Binding::open(&opts.id, &opts.common)?;
-    let stream = match net::connect(opts.host.as_str(), opts.port, opts.connect_timeout) {
-        Ok(s) => s,
-        Err(e) => {
-            binding.close();
-            return Err(e);
-        }
-    };
+    let (binding, stream) = open_connected(&opts, || {
+        net::connect(opts.host.as_str(), opts.port, opts.connect_timeout)
+    })?;
     let common = opts.common.clone();
     binding.run("bind-output", &common, move |binding, stop, ready| {
         let mut stream = stream;
         let mut first = true;
         loop {
-            stream
-                .set_nonblocking(true)
-                .map_err(|e| Error::io("cannot configure the socket", &e))?;
-            if let Err(e) = net::limit_unsent(&stream, UNSENT_LIMIT) {
-                // Only slower on a kernel without it (before Linux 3.12).
-                log::warn!(
-                    "cannot limit the unsent data: {}",
-                    crate::error::describe_io(&e)
-                );
-            }
-            let peer = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
+            prepare(&stream)?;
+            let peer = peer_name(&stream, &opts);
             if first {
                 log::info!(
                     "{} connected to {peer}, FIFO {}",
                     binding.id,
                     binding.fifo.path().display()
                 );
-                crate::status::start_binding(
-                    binding,
-                    "bind-output",
-                    opts.port.0,
-                    Some(opts.host.as_str()),
-                );
-                binding.ready(ready);
+                announce(binding, &opts, &peer, ready);
                 first = false;
+            } else {
+                crate::status::peer_added(&peer);
             }
-            crate::status::peer_added(&peer);
             let mut relay = Outbound {
                 binding: &mut *binding,
                 stream,
@@ -178,6 +157,59 @@ pub fn run(opts: OutputOptions) -> Result<()> {
             }
         }
     })
+}
+
+/// Opens the binding and makes its first connection with `connect`; if
+/// that fails, nothing of the binding is left.
+fn open_connected<T>(
+    opts: &OutputOptions,
+    connect: impl FnOnce() -> Result<T>,
+) -> Result<(Binding, T)> {
+    let binding = Binding::open(&opts.id, &opts.common)?;
+    match connect() {
+        Ok(link) => Ok((binding, link)),
+        Err(e) => {
+            binding.close();
+            Err(e)
+        }
+    }
+}
+
+/// The remote end, as the log and the status name it.
+fn peer_name(stream: &TcpStream, opts: &OutputOptions) -> String {
+    stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port))
+}
+
+/// Readies a new connection for the sending loops: non-blocking, and
+/// with little unsent data in the kernel ([`UNSENT_LIMIT`]).
+fn prepare(stream: &TcpStream) -> Result<()> {
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("cannot configure the socket", &e))?;
+    if let Err(e) = net::limit_unsent(stream, UNSENT_LIMIT) {
+        // Only slower on a kernel without it (before Linux 3.12).
+        log::warn!(
+            "cannot limit the unsent data: {}",
+            crate::error::describe_io(&e)
+        );
+    }
+    Ok(())
+}
+
+/// The first connection works: the status is published, naming `peer`
+/// from its first write, and the foreground told.
+fn announce(binding: &mut Binding, opts: &OutputOptions, peer: &str, ready: &mut Ready) {
+    crate::status::peer_added(peer);
+    crate::status::start_binding(
+        binding,
+        "bind-output",
+        opts.port.0,
+        Some(opts.host.as_str()),
+    );
+    binding.ready(ready);
 }
 
 /// A plain binding's link broke: connect again with backoff until it
@@ -491,10 +523,7 @@ fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Res
     use crate::secure::{Frame, Purpose, Side};
     let key = opts.key.as_ref().expect("a keyed binding");
     let mut stream = net::connect(opts.host.as_str(), opts.port, limit)?;
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| format!("{}:{}", opts.host, opts.port));
+    let peer = peer_name(&stream, opts);
     let fail = |f: Failure| match f {
         Failure::Io(e) => Error::io(format!("stream handshake with {peer}"), &e),
         Failure::Refused(why) | Failure::Denied(why) => Error::new(
@@ -532,10 +561,9 @@ fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Res
             ))));
         }
     };
-    stream.set_nonblocking(true).map_err(io_err)?;
     // Little in flight: what the spool holds as sent stays small, so the
     // spool's room is for what the FIFO brings.
-    let _ = net::limit_unsent(&stream, UNSENT_LIMIT);
+    prepare(&stream)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(2))
@@ -556,15 +584,9 @@ fn establish(opts: &OutputOptions, id: &str, acked: u64, limit: Duration) -> Res
 }
 
 fn run_keyed(opts: OutputOptions) -> Result<()> {
-    let binding = Binding::open(&opts.id, &opts.common)?;
     let id = crate::stream::new_stream_id();
-    let first = match establish(&opts, &id, 0, opts.connect_timeout) {
-        Ok(first) => first,
-        Err(e) => {
-            binding.close();
-            return Err(e);
-        }
-    };
+    let (binding, first) =
+        open_connected(&opts, || establish(&opts, &id, 0, opts.connect_timeout))?;
     let common = opts.common.clone();
     binding.run("bind-output", &common, move |binding, stop, ready| {
         let (link, offset) = first;
@@ -581,14 +603,10 @@ fn run_keyed(opts: OutputOptions) -> Result<()> {
             link.peer,
             binding.fifo.path().display()
         );
-        crate::status::start_binding(
-            binding,
-            "bind-output",
-            opts.port.0,
-            Some(opts.host.as_str()),
-        );
-        crate::status::peer_added(&link.peer);
-        binding.ready(ready);
+        // The bytes pass through the process here (they are sealed), so
+        // lines are counted.
+        crate::status::count_lines();
+        announce(binding, &opts, &link.peer, ready);
         let mut sender = Sender {
             binding,
             opts: &opts,
@@ -736,6 +754,7 @@ impl Sender<'_> {
                 Ok(0) => return Ok(true),
                 Ok(n) => {
                     crate::status::add_in(n);
+                    crate::status::add_lines_in(crate::framer::count_lines(&buf[..n]));
                     self.spool.push(&buf[..n]);
                     self.log_drops(false);
                 }
@@ -919,6 +938,7 @@ fn fill_out(link: &mut Link, spool: &mut crate::spool::Spool, fifo_eof: bool) {
         if n == 0 {
             break;
         }
+        let lines = crate::framer::count_lines(a) + crate::framer::count_lines(b);
         if b.is_empty() {
             link.channel.sealer.seal_data(a, &mut link.out);
         } else {
@@ -926,6 +946,7 @@ fn fill_out(link: &mut Link, spool: &mut crate::spool::Spool, fifo_eof: bool) {
             link.channel.sealer.seal_data(&joined, &mut link.out);
         }
         crate::status::add_out(n);
+        crate::status::add_lines_out(lines);
         spool.sent(n);
     }
     if fifo_eof && !link.close_sent && spool.unsent(1).0.is_empty() && spool.unsent(1).1.is_empty()

@@ -524,9 +524,11 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     let mut reader = std::fs::File::open(env.fifo("in1")).unwrap();
     send(port, b"one\ntwo\nthree\n");
     assert_eq!(read_lines_from(&mut reader, 3), ["one", "two", "three"]);
-    let e = wait_entry(&env, "in1", None, |e| e["bytes_out"] == 14);
-    // Not counted: it would cost the data path a pass over every byte.
-    assert_eq!(e["lines_out"], serde_json::Value::Null);
+    // Lines are counted as the line framer sees them; the figures are
+    // published apart, so wait for all of them together.
+    let e = wait_entry(&env, "in1", None, |e| {
+        e["bytes_out"] == 14 && e["lines_in"] == 3 && e["lines_out"] == 3
+    });
     assert_eq!(e["kind"], "bind-input");
     assert_eq!(e["pid"], input.pid);
     assert_eq!(e["port"], port);
@@ -537,6 +539,12 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     assert_eq!(e["fifo"], env.fifo("in1").to_str().unwrap());
     assert!(e["since"].as_u64().unwrap() > 1_700_000_000, "{e:#}");
     assert!(e["age"].as_u64().unwrap() < 3600, "{e:#}");
+    // A last line without its newline counts once completed, in and out.
+    send(port, b"four");
+    assert_eq!(read_lines_from(&mut reader, 1), ["four"]);
+    wait_entry(&env, "in1", None, |e| {
+        e["bytes_out"] == 19 && e["lines_in"] == 4 && e["lines_out"] == 4
+    });
     drop(reader);
     let e = wait_entry(&env, "in1", None, |e| e["reader"] == false);
     assert_eq!(
@@ -566,6 +574,10 @@ fn list_json_shows_standalone_bindings_with_their_figures_and_readers() {
     assert_eq!(e["port"], remote);
     assert_eq!(e["host"], "127.0.0.1");
     assert_eq!(e["bytes_in"], 11);
+    // A plain bind-output splices: the bytes never pass through it, so
+    // its lines are unknown (null), not 0.
+    assert_eq!(e["lines_in"], serde_json::Value::Null, "{e:#}");
+    assert_eq!(e["lines_out"], serde_json::Value::Null, "{e:#}");
     assert_eq!(
         e["peers"],
         serde_json::json!([format!("127.0.0.1:{remote}")])
@@ -609,8 +621,15 @@ fn list_shows_a_pool_a_master_and_their_bindings_and_stop_ends_the_master() {
     assert_eq!(e["host"], "127.0.0.1");
     let e = wait_entry(&env, "m.d1", None, |e| e["bytes_out"] == 4);
     assert_eq!(e["kind"], "bind-input");
+    // Both ends of a keyed stream see its bytes, so count its lines.
+    wait_entry(&env, "m.d1", None, |e| {
+        e["lines_in"] == 1 && e["lines_out"] == 1
+    });
     let e = wait_entry(&env, "m.d1", Some(&master_name), |e| e["bytes_out"] == 4);
     assert_eq!(e["kind"], "bind-output");
+    wait_entry(&env, "m.d1", Some(&master_name), |e| {
+        e["lines_in"] == 1 && e["lines_out"] == 1
+    });
     // The daemon holds the master's FIFO for writing.
     assert_eq!(e["writer"], true, "{e:#}");
 
