@@ -339,6 +339,11 @@ impl BindOutput {
 pub(crate) enum ChildBinding {
     Input(BindInput),
     Output(BindOutput),
+    /// nats-master's and nats-pool's children (src/nats/child.rs).
+    #[cfg(feature = "nats")]
+    NatsInput(Box<crate::nats::cli::NatsInput>),
+    #[cfg(feature = "nats")]
+    NatsOutput(Box<crate::nats::cli::NatsOutput>),
 }
 
 impl ChildBinding {
@@ -358,6 +363,10 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(_) => "bind-input",
             ChildBinding::Output(_) => "bind-output",
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(_) => "nats-input",
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(_) => "nats-output",
         }
     }
 
@@ -365,6 +374,10 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => &mut b.common,
             ChildBinding::Output(b) => &mut b.common,
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(b) => &mut b.common,
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(b) => &mut b.common,
         }
     }
 
@@ -373,6 +386,12 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => b.key.key_fd = Some(fd),
             ChildBinding::Output(b) => b.key.key_fd = Some(fd),
+            // A NATS child has no stream key: the server's credentials
+            // protect its stream.
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(_) | ChildBinding::NatsOutput(_) => {
+                let _ = fd;
+            }
         }
     }
 
@@ -380,34 +399,38 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => b.to_args(),
             ChildBinding::Output(b) => b.to_args(),
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(b) => b.to_args(),
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(b) => b.to_args(),
         }
     }
 }
 
 /// Builds an argument list, flag by flag.
 #[derive(Default)]
-struct Args(Vec<String>);
+pub(crate) struct Args(pub(crate) Vec<String>);
 
 impl Args {
-    fn flag(&mut self, name: &str, on: bool) {
+    pub(crate) fn flag(&mut self, name: &str, on: bool) {
         if on {
             self.0.push(name.to_string());
         }
     }
 
-    fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
+    pub(crate) fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
         if let Some(v) = value {
             self.0.extend([name.to_string(), v.to_string()]);
         }
     }
 
-    fn secs(&mut self, name: &str, value: Option<Duration>) {
+    pub(crate) fn secs(&mut self, name: &str, value: Option<Duration>) {
         self.value(name, value.map(|d| d.as_secs_f64()));
     }
 }
 
 impl CommonArgs {
-    fn push_args(&self, a: &mut Args) {
+    pub(crate) fn push_args(&self, a: &mut Args) {
         a.flag("--foreground", self.foreground);
         a.value("--watchdog-fd", self.watchdog_fd);
         a.value("--ready-fd", self.ready_fd);
@@ -671,7 +694,7 @@ pub struct Master {
 }
 
 /// The short host name (up to its first dot), made a session name.
-fn host_name() -> Id {
+pub(crate) fn host_name() -> Id {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most the length given.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -131,6 +131,22 @@ impl ConnectArgs {
     }
 }
 
+/// JetStream or core NATS: the same choice on both sides.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Via {
+    /// Use the JetStream stream NAME, creating it (for SUBJECT) if it
+    /// does not exist; without it, JetStream is used when a stream holds
+    /// SUBJECT, core NATS otherwise
+    #[arg(long, value_name = "NAME", conflicts_with = "core")]
+    pub(crate) stream: Option<String>,
+
+    /// Use core NATS even if a stream holds SUBJECT: no acknowledgement,
+    /// no resume; lines may be lost when the server goes away or the
+    /// reader is slow
+    #[arg(long)]
+    pub(crate) core: bool,
+}
+
 /// Publish every whole line written into the named pipe <runtime dir>/ID
 /// as one NATS message on SUBJECT. Prints the PID of the background
 /// binding once connected.
@@ -145,16 +161,8 @@ pub struct NatsOutput {
     #[arg(value_name = "SUBJECT")]
     pub(crate) subject: Subject,
 
-    /// Publish into the JetStream stream NAME, creating it (for SUBJECT)
-    /// if it does not exist; without it, JetStream is used when a stream
-    /// holds SUBJECT, core NATS otherwise
-    #[arg(long, value_name = "NAME", conflicts_with = "core")]
-    pub(crate) stream: Option<String>,
-
-    /// Publish with core NATS even if a stream holds SUBJECT (no
-    /// acknowledgement: lines may be lost when the server goes away)
-    #[arg(long)]
-    pub(crate) core: bool,
+    #[command(flatten)]
+    pub(crate) via: Via,
 
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
@@ -235,16 +243,8 @@ pub struct NatsInput {
     )]
     pub(crate) deliver: Deliver,
 
-    /// Consume from the JetStream stream NAME, creating it (for SUBJECT)
-    /// if it does not exist; without it, JetStream is used when a stream
-    /// holds SUBJECT, core NATS otherwise
-    #[arg(long, value_name = "NAME", conflicts_with = "core")]
-    pub(crate) stream: Option<String>,
-
-    /// Subscribe with core NATS even if a stream holds SUBJECT (no
-    /// acknowledgement, no resume; a slow reader loses messages)
-    #[arg(long)]
-    pub(crate) core: bool,
+    #[command(flatten)]
+    pub(crate) via: Via,
 
     #[command(flatten)]
     pub(crate) connect: ConnectArgs,
@@ -258,8 +258,8 @@ pub fn output_options(a: NatsOutput) -> Result<crate::nats::output::OutputOption
     Ok(crate::nats::output::OutputOptions {
         id: a.id,
         subject: a.subject,
-        stream: a.stream,
-        core: a.core,
+        stream: a.via.stream,
+        core: a.via.core,
         settings: crate::nats::connect::Settings::read(a.connect)?,
         common: a.common.into(),
     })
@@ -273,8 +273,8 @@ pub fn input_options(a: NatsInput) -> Result<crate::nats::input::InputOptions> {
         durable: a.durable,
         queue: a.queue,
         deliver: a.deliver,
-        stream: a.stream,
-        core: a.core,
+        stream: a.via.stream,
+        core: a.via.core,
         settings: crate::nats::connect::Settings::read(a.connect)?,
         common: a.common.into(),
     })

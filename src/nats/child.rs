@@ -1,0 +1,183 @@
+//! The command lines of the NATS bindings that nats-master and nats-pool
+//! start as children, built from the clap types they parse into (as
+//! cli.rs does for bind-input and bind-output), so that a renamed flag
+//! breaks the build or the round-trip test, never a pool at run time.
+//!
+//! Secrets stay in their files: a child is given the files' paths (made
+//! absolute), never their contents.
+
+use clap::Parser;
+
+use crate::args::Id;
+use crate::cli::Args;
+use crate::nats::cli::{ConnectArgs, Deliver, NatsInput, NatsOutput, Subject};
+
+impl ConnectArgs {
+    fn push_args(&self, a: &mut Args) {
+        let path = |p: &Option<std::path::PathBuf>| {
+            p.as_ref().map(|p| {
+                std::path::absolute(p)
+                    .unwrap_or(p.clone())
+                    .display()
+                    .to_string()
+            })
+        };
+        a.value("--server", Some(self.server.join(",")));
+        a.value("--user", self.user.as_ref());
+        a.value("--password-file", path(&self.password_file));
+        a.value("--token-file", path(&self.token_file));
+        a.value("--creds", path(&self.creds));
+        a.value("--nkey", path(&self.nkey));
+        a.flag("--tls", self.tls);
+        a.value("--tls-ca", path(&self.tls_ca));
+        a.value("--tls-cert", path(&self.tls_cert));
+        a.value("--tls-key", path(&self.tls_key));
+        a.secs("--connect-timeout", Some(self.connect_timeout));
+    }
+}
+
+impl std::fmt::Display for Deliver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Deliver::New => f.write_str("new"),
+            Deliver::All => f.write_str("all"),
+            Deliver::Last => f.write_str("last"),
+            Deliver::Since(t) => write!(f, "@{}", t.unix_timestamp()),
+        }
+    }
+}
+
+impl NatsOutput {
+    /// `nats-output ID SUBJECT` into the JetStream stream `stream`, with
+    /// these connection settings.
+    pub(crate) fn child(id: &Id, subject: &Subject, stream: &str, connect: &ConnectArgs) -> Self {
+        let mut b = NatsOutput::try_parse_from(["nats-output", id.as_str(), "--", &subject.0])
+            .expect("a valid ID and subject parse");
+        b.via.stream = Some(stream.to_string());
+        b.connect = connect.clone();
+        b
+    }
+
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.value("--stream", self.via.stream.as_ref());
+        a.flag("--core", self.via.core);
+        self.connect.push_args(&mut a);
+        self.common.push_args(&mut a);
+        a.0.extend(["--".into(), self.id.to_string(), self.subject.0.clone()]);
+        a.0
+    }
+}
+
+impl NatsInput {
+    /// `nats-input ID SUBJECT` through the durable consumer `durable` of
+    /// the JetStream stream `stream`, from its first message.
+    pub(crate) fn child(
+        (id, subject): (&Id, &Subject),
+        (stream, durable): (&str, &str),
+        connect: &ConnectArgs,
+    ) -> Self {
+        let mut b = NatsInput::try_parse_from(["nats-input", id.as_str(), "--", &subject.0])
+            .expect("a valid ID and subject parse");
+        b.via.stream = Some(stream.to_string());
+        b.durable = Some(durable.to_string());
+        b.deliver = Deliver::All;
+        b.connect = connect.clone();
+        b
+    }
+
+    /// The command line (without the program's name) that parses back
+    /// into this.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut a = Args::default();
+        a.value("--durable", self.durable.as_ref());
+        a.value("--queue", self.queue.as_ref());
+        a.value("--deliver", Some(&self.deliver));
+        a.value("--stream", self.via.stream.as_ref());
+        a.flag("--core", self.via.core);
+        self.connect.push_args(&mut a);
+        self.common.push_args(&mut a);
+        a.0.extend(["--".into(), self.id.to_string(), self.subject.0.clone()]);
+        a.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What nats-master and nats-pool build parses back to the same thing.
+    #[test]
+    fn nats_child_command_lines_round_trip() {
+        let outputs: [&[&str]; 3] = [
+            &["d", "logs.h.d"],
+            &["--stream", "LOGS", "-s", "nats://a:1,tls://b:2", "d", "l.x"],
+            &[
+                "--user",
+                "u",
+                "--password-file",
+                "/p",
+                "--tls",
+                "--tls-ca",
+                "/ca",
+                "--tls-cert",
+                "/c",
+                "--tls-key",
+                "/k",
+                "-t",
+                "2.5",
+                "--core",
+                "x",
+                "a.b",
+            ],
+        ];
+        for args in outputs {
+            let parsed = NatsOutput::try_parse_from(
+                std::iter::once("nats-output").chain(args.iter().copied()),
+            )
+            .expect("parses");
+            let again = NatsOutput::try_parse_from(
+                std::iter::once("nats-output".to_string()).chain(parsed.to_args()),
+            )
+            .expect("round trip parses");
+            assert_eq!(format!("{parsed:?}"), format!("{again:?}"), "{args:?}");
+        }
+        let inputs: [&[&str]; 3] = [
+            &["d", "logs.>"],
+            &[
+                "--durable",
+                "k",
+                "--deliver",
+                "@1700000000",
+                "--creds",
+                "/c",
+                "d",
+                "l.*",
+            ],
+            &[
+                "--queue",
+                "g",
+                "--token-file",
+                "/t",
+                "--nkey",
+                "/n",
+                "--core",
+                "x",
+                "a.b",
+            ],
+        ];
+        for args in inputs {
+            let parsed = NatsInput::try_parse_from(
+                std::iter::once("nats-input").chain(args.iter().copied()),
+            )
+            .expect("parses");
+            let again = NatsInput::try_parse_from(
+                std::iter::once("nats-input".to_string()).chain(parsed.to_args()),
+            )
+            .expect("round trip parses");
+            assert_eq!(format!("{parsed:?}"), format!("{again:?}"), "{args:?}");
+        }
+    }
+}
