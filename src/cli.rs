@@ -375,9 +375,9 @@ impl ChildBinding {
             ChildBinding::Input(b) => &mut b.common,
             ChildBinding::Output(b) => &mut b.common,
             #[cfg(feature = "nats")]
-            ChildBinding::NatsInput(b) => &mut b.common,
+            ChildBinding::NatsInput(b) => &mut b.nats.common,
             #[cfg(feature = "nats")]
-            ChildBinding::NatsOutput(b) => &mut b.common,
+            ChildBinding::NatsOutput(b) => &mut b.nats.common,
         }
     }
 

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use crate::args::Id;
 use crate::cli::Args;
-use crate::nats::cli::{ConnectArgs, Deliver, NatsInput, NatsOutput, Subject};
+use crate::nats::cli::{ConnectArgs, Deliver, NatsArgs, NatsInput, NatsOutput, Subject};
 
 impl ConnectArgs {
     fn push_args(&self, a: &mut Args) {
@@ -36,6 +36,17 @@ impl ConnectArgs {
     }
 }
 
+impl NatsArgs {
+    /// The options both bindings take, then `-- ID SUBJECT`.
+    fn push_args(&self, a: &mut Args, id: &Id, subject: &Subject) {
+        a.value("--stream", self.via.stream.as_ref());
+        a.flag("--core", self.via.core);
+        self.connect.push_args(a);
+        self.common.push_args(a);
+        a.0.extend(["--".into(), id.to_string(), subject.0.clone()]);
+    }
+}
+
 impl std::fmt::Display for Deliver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -53,8 +64,8 @@ impl NatsOutput {
     pub(crate) fn child(id: &Id, subject: &Subject, stream: &str, connect: &ConnectArgs) -> Self {
         let mut b = NatsOutput::try_parse_from(["nats-output", id.as_str(), "--", &subject.0])
             .expect("a valid ID and subject parse");
-        b.via.stream = Some(stream.to_string());
-        b.connect = connect.clone();
+        b.nats.via.stream = Some(stream.to_string());
+        b.nats.connect = connect.clone();
         b
     }
 
@@ -62,11 +73,7 @@ impl NatsOutput {
     /// into this.
     pub(crate) fn to_args(&self) -> Vec<String> {
         let mut a = Args::default();
-        a.value("--stream", self.via.stream.as_ref());
-        a.flag("--core", self.via.core);
-        self.connect.push_args(&mut a);
-        self.common.push_args(&mut a);
-        a.0.extend(["--".into(), self.id.to_string(), self.subject.0.clone()]);
+        self.nats.push_args(&mut a, &self.id, &self.subject);
         a.0
     }
 }
@@ -81,10 +88,10 @@ impl NatsInput {
     ) -> Self {
         let mut b = NatsInput::try_parse_from(["nats-input", id.as_str(), "--", &subject.0])
             .expect("a valid ID and subject parse");
-        b.via.stream = Some(stream.to_string());
+        b.nats.via.stream = Some(stream.to_string());
         b.durable = Some(durable.to_string());
         b.deliver = Deliver::All;
-        b.connect = connect.clone();
+        b.nats.connect = connect.clone();
         b
     }
 
@@ -95,11 +102,7 @@ impl NatsInput {
         a.value("--durable", self.durable.as_ref());
         a.value("--queue", self.queue.as_ref());
         a.value("--deliver", Some(&self.deliver));
-        a.value("--stream", self.via.stream.as_ref());
-        a.flag("--core", self.via.core);
-        self.connect.push_args(&mut a);
-        self.common.push_args(&mut a);
-        a.0.extend(["--".into(), self.id.to_string(), self.subject.0.clone()]);
+        self.nats.push_args(&mut a, &self.id, &self.subject);
         a.0
     }
 }
@@ -108,76 +111,50 @@ impl NatsInput {
 mod tests {
     use super::*;
 
+    /// `args` parsed as `program`'s, built back by `to_args` and parsed
+    /// again, give the same thing.
+    fn round_trip<T: Parser + std::fmt::Debug>(
+        program: &str,
+        cases: &[&[&str]],
+        to_args: impl Fn(&T) -> Vec<String>,
+    ) {
+        for args in cases {
+            let parsed = T::try_parse_from(std::iter::once(program).chain(args.iter().copied()))
+                .expect("parses");
+            let again =
+                T::try_parse_from(std::iter::once(program.to_string()).chain(to_args(&parsed)))
+                    .expect("round trip parses");
+            assert_eq!(format!("{parsed:?}"), format!("{again:?}"), "{args:?}");
+        }
+    }
+
     /// What nats-master and nats-pool build parses back to the same thing.
     #[test]
     fn nats_child_command_lines_round_trip() {
-        let outputs: [&[&str]; 3] = [
-            &["d", "logs.h.d"],
-            &["--stream", "LOGS", "-s", "nats://a:1,tls://b:2", "d", "l.x"],
+        let tls = "--user u --password-file /p --tls --tls-ca /ca --tls-cert /c --tls-key /k";
+        let tls: Vec<&str> = tls
+            .split(' ')
+            .chain(["-t", "2.5", "--core", "x", "a.b"])
+            .collect();
+        round_trip::<NatsOutput>(
+            "nats-output",
             &[
-                "--user",
-                "u",
-                "--password-file",
-                "/p",
-                "--tls",
-                "--tls-ca",
-                "/ca",
-                "--tls-cert",
-                "/c",
-                "--tls-key",
-                "/k",
-                "-t",
-                "2.5",
-                "--core",
-                "x",
-                "a.b",
+                &["d", "logs.h.d"],
+                &["--stream", "LOGS", "-s", "nats://a:1,tls://b:2", "d", "l.x"],
+                &tls,
             ],
-        ];
-        for args in outputs {
-            let parsed = NatsOutput::try_parse_from(
-                std::iter::once("nats-output").chain(args.iter().copied()),
-            )
-            .expect("parses");
-            let again = NatsOutput::try_parse_from(
-                std::iter::once("nats-output".to_string()).chain(parsed.to_args()),
-            )
-            .expect("round trip parses");
-            assert_eq!(format!("{parsed:?}"), format!("{again:?}"), "{args:?}");
-        }
-        let inputs: [&[&str]; 3] = [
-            &["d", "logs.>"],
+            NatsOutput::to_args,
+        );
+        let creds = "--durable k --deliver @1700000000 --creds /c d l.*";
+        let token = "--queue g --token-file /t --nkey /n --core x a.b";
+        round_trip::<NatsInput>(
+            "nats-input",
             &[
-                "--durable",
-                "k",
-                "--deliver",
-                "@1700000000",
-                "--creds",
-                "/c",
-                "d",
-                "l.*",
+                &["d", "logs.>"],
+                &creds.split(' ').collect::<Vec<_>>(),
+                &token.split(' ').collect::<Vec<_>>(),
             ],
-            &[
-                "--queue",
-                "g",
-                "--token-file",
-                "/t",
-                "--nkey",
-                "/n",
-                "--core",
-                "x",
-                "a.b",
-            ],
-        ];
-        for args in inputs {
-            let parsed = NatsInput::try_parse_from(
-                std::iter::once("nats-input").chain(args.iter().copied()),
-            )
-            .expect("parses");
-            let again = NatsInput::try_parse_from(
-                std::iter::once("nats-input".to_string()).chain(parsed.to_args()),
-            )
-            .expect("round trip parses");
-            assert_eq!(format!("{parsed:?}"), format!("{again:?}"), "{args:?}");
-        }
+            NatsInput::to_args,
+        );
     }
 }

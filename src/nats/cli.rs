@@ -147,6 +147,19 @@ pub(crate) struct Via {
     pub(crate) core: bool,
 }
 
+/// What both NATS bindings take beside their arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct NatsArgs {
+    #[command(flatten)]
+    pub(crate) via: Via,
+
+    #[command(flatten)]
+    pub(crate) connect: ConnectArgs,
+
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+}
+
 /// Publish every whole line written into the named pipe <runtime dir>/ID
 /// as one NATS message on SUBJECT. Prints the PID of the background
 /// binding once connected.
@@ -162,13 +175,7 @@ pub struct NatsOutput {
     pub(crate) subject: Subject,
 
     #[command(flatten)]
-    pub(crate) via: Via,
-
-    #[command(flatten)]
-    pub(crate) connect: ConnectArgs,
-
-    #[command(flatten)]
-    pub(crate) common: CommonArgs,
+    pub(crate) nats: NatsArgs,
 }
 
 /// Where a new consumer starts in its stream.
@@ -244,13 +251,7 @@ pub struct NatsInput {
     pub(crate) deliver: Deliver,
 
     #[command(flatten)]
-    pub(crate) via: Via,
-
-    #[command(flatten)]
-    pub(crate) connect: ConnectArgs,
-
-    #[command(flatten)]
-    pub(crate) common: CommonArgs,
+    pub(crate) nats: NatsArgs,
 }
 
 /// nats-output's options, its secrets read (call before any thread).
@@ -258,10 +259,10 @@ pub fn output_options(a: NatsOutput) -> Result<crate::nats::output::OutputOption
     Ok(crate::nats::output::OutputOptions {
         id: a.id,
         subject: a.subject,
-        stream: a.via.stream,
-        core: a.via.core,
-        settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common.into(),
+        stream: a.nats.via.stream,
+        core: a.nats.via.core,
+        settings: crate::nats::connect::Settings::read(a.nats.connect)?,
+        common: a.nats.common.into(),
     })
 }
 
@@ -273,9 +274,9 @@ pub fn input_options(a: NatsInput) -> Result<crate::nats::input::InputOptions> {
         durable: a.durable,
         queue: a.queue,
         deliver: a.deliver,
-        stream: a.via.stream,
-        core: a.via.core,
-        settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common.into(),
+        stream: a.nats.via.stream,
+        core: a.nats.via.core,
+        settings: crate::nats::connect::Settings::read(a.nats.connect)?,
+        common: a.nats.common.into(),
     })
 }
