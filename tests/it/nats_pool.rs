@@ -77,6 +77,28 @@ fn read_into(fifo: &File, buf: &mut Vec<u8>, lines: usize, limit: Duration) -> b
     .closed
 }
 
+/// [`read_into`] for every FIFO at once, one thread each, up to
+/// `lines(name)` lines; whether each was closed, in name order.
+fn read_all(
+    got: &mut HashMap<String, Vec<u8>>,
+    readers: &HashMap<String, File>,
+    lines: impl Fn(&str) -> usize + Sync,
+    limit: Duration,
+) -> Vec<bool> {
+    let mut bufs: Vec<(&String, &mut Vec<u8>)> = got.iter_mut().collect();
+    bufs.sort_by(|a, b| a.0.cmp(b.0));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = bufs
+            .into_iter()
+            .map(|(name, buf)| {
+                let (reader, lines) = (&readers[name], &lines);
+                s.spawn(move || read_into(reader, buf, lines(name), limit))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn nats_pool_three_masters_fan_100000_lines_in_once_in_order_across_its_restart() {
     let env = Env::new();
@@ -119,19 +141,17 @@ fn nats_pool_three_masters_fan_100000_lines_in_once_in_order_across_its_restart(
         .map(|n| (n.clone(), open_fifo(&fifos[n])))
         .collect();
     for name in &names {
-        let buf = got.entry(name.clone()).or_default();
-        read_into(&readers[name], buf, 4000, PATIENCE);
+        got.insert(name.clone(), Vec::new());
     }
+    read_all(&mut got, &readers, |_| 4000, PATIENCE);
     kill(pool.pid(), libc::SIGTERM);
     pool.assert_stopped_by(libc::SIGTERM);
     // What its bindings had put into their FIFOs is still there to read.
-    for name in &names {
-        let buf = got.get_mut(name).unwrap();
-        assert!(
-            read_into(&readers[name], buf, usize::MAX, PATIENCE),
-            "{name}: its FIFO was not closed"
-        );
-    }
+    let closed = read_all(&mut got, &readers, |_| usize::MAX, PATIENCE);
+    assert!(
+        closed.iter().all(|&c| c),
+        "a FIFO was not closed: {closed:?}"
+    );
     let before: usize = got
         .values()
         .map(|b| b.iter().filter(|&&c| c == b'\n').count())
@@ -140,11 +160,16 @@ fn nats_pool_three_masters_fan_100000_lines_in_once_in_order_across_its_restart(
     // Started again: every daemon resumes where its consumer stopped.
     let pool = spawn_pool(&env, "fan", &connect);
     let fifos = printed(&pool, 6);
-    for name in &names {
-        let reader = open_fifo(&fifos[name]);
-        let buf = got.get_mut(name).unwrap();
-        read_into(&reader, buf, want[name].len(), Duration::from_secs(60));
-    }
+    let readers: HashMap<String, File> = names
+        .iter()
+        .map(|n| (n.clone(), open_fifo(&fifos[n])))
+        .collect();
+    read_all(
+        &mut got,
+        &readers,
+        |n| want[n].len(),
+        Duration::from_secs(60),
+    );
     eprintln!("nats-pool stopped after {before} of 100000 lines; started again, the rest came");
     for name in &names {
         let text = String::from_utf8(got[name].clone()).unwrap();
@@ -308,4 +333,31 @@ fn nats_pool_and_master_with_an_nkey_seed_file() {
     let wrong = secret_file(&env, "wrong", &stranger.seed().unwrap());
     three_lines_through(&env, &["-s", &url, "--nkey", &good]);
     refused(&env, &["-s", &url, "--nkey", &wrong], 77, "authorization");
+}
+
+#[test]
+fn nats_pool_and_master_refuse_bad_command_lines_creating_nothing() {
+    let env = Env::new();
+    env.assert_usage_errors(
+        NATS_POOL,
+        &[
+            (&["logs.*"], "wildcards"),
+            (&["lo gs"], "not a NATS subject"),
+            (&["logs", "--durable", "a.b"], "--durable"),
+            (&["logs", "--stream", "a.b"], "--stream"),
+            (
+                &["logs", "-s", "nats://u:pw@127.0.0.1:4222"],
+                "--password-file",
+            ),
+        ],
+    );
+    env.assert_usage_errors(
+        NATS_MASTER,
+        &[
+            (&["logs"], "DDIR"),
+            (&["logs.>", "/tmp"], "wildcards"),
+            (&["logs", "/tmp", "-n", "bad name"], "NAME"),
+            (&["logs", "/tmp", "--token-file"], "--token-file"),
+        ],
+    );
 }
