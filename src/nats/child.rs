@@ -101,7 +101,8 @@ impl NatsInput {
         let mut a = Args::default();
         a.value("--durable", self.durable.as_ref());
         a.value("--queue", self.queue.as_ref());
-        a.value("--deliver", Some(&self.deliver));
+        // It conflicts with --core, which has no start point.
+        a.value("--deliver", (!self.nats.via.core).then_some(&self.deliver));
         self.nats.push_args(&mut a, &self.id, &self.subject);
         a.0
     }
@@ -145,8 +146,8 @@ mod tests {
             ],
             NatsOutput::to_args,
         );
-        let creds = "--durable k --deliver @1700000000 --creds /c d l.*";
-        let token = "--queue g --token-file /t --nkey /n --core x a.b";
+        let creds = "--durable k --deliver @1700000000 --nkey /n d l.*";
+        let token = "--queue g --token-file /t --core x a.b";
         round_trip::<NatsInput>(
             "nats-input",
             &[
