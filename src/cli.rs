@@ -146,6 +146,11 @@ impl StreamKeyArgs {
 pub(crate) enum ChildBinding {
     Input(InputOptions),
     Output(OutputOptions),
+    /// nats-master's and nats-pool's children (src/nats/child.rs).
+    #[cfg(feature = "nats")]
+    NatsInput(Box<crate::nats::cli::NatsInput>),
+    #[cfg(feature = "nats")]
+    NatsOutput(Box<crate::nats::cli::NatsOutput>),
 }
 
 impl ChildBinding {
@@ -169,6 +174,10 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(_) => "bind-input",
             ChildBinding::Output(_) => "bind-output",
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(_) => "nats-input",
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(_) => "nats-output",
         }
     }
 
@@ -176,6 +185,10 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => &mut b.common,
             ChildBinding::Output(b) => &mut b.common,
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(b) => &mut b.nats.common,
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(b) => &mut b.nats.common,
         }
     }
 
@@ -184,6 +197,12 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => b.key_args.key_fd = Some(fd),
             ChildBinding::Output(b) => b.key_args.key_fd = Some(fd),
+            // A NATS child has no stream key: the server's credentials
+            // protect its stream.
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(_) | ChildBinding::NatsOutput(_) => {
+                let _ = fd;
+            }
         }
     }
 
@@ -191,28 +210,32 @@ impl ChildBinding {
         match self {
             ChildBinding::Input(b) => b.to_args(),
             ChildBinding::Output(b) => b.to_args(),
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsInput(b) => b.to_args(),
+            #[cfg(feature = "nats")]
+            ChildBinding::NatsOutput(b) => b.to_args(),
         }
     }
 }
 
 /// Builds an argument list, flag by flag.
 #[derive(Default)]
-struct Args(Vec<String>);
+pub(crate) struct Args(pub(crate) Vec<String>);
 
 impl Args {
-    fn flag(&mut self, name: &str, on: bool) {
+    pub(crate) fn flag(&mut self, name: &str, on: bool) {
         if on {
             self.0.push(name.to_string());
         }
     }
 
-    fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
+    pub(crate) fn value(&mut self, name: &str, value: Option<impl std::fmt::Display>) {
         if let Some(v) = value {
             self.0.extend([name.to_string(), v.to_string()]);
         }
     }
 
-    fn secs(&mut self, name: &str, value: Option<Duration>) {
+    pub(crate) fn secs(&mut self, name: &str, value: Option<Duration>) {
         self.value(name, value.map(|d| d.as_secs_f64()));
     }
 
@@ -224,7 +247,7 @@ impl Args {
 }
 
 impl BindingOptions {
-    fn push_args(&self, a: &mut Args) {
+    pub(crate) fn push_args(&self, a: &mut Args) {
         a.flag("--foreground", self.foreground);
         a.value("--watchdog-fd", self.watchdog_fd);
         a.value("--ready-fd", self.ready_fd);

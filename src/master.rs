@@ -166,7 +166,7 @@ enum Life {
     Gone(Status),
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     name: Id,
     process: ProcessId,
     life: Life,
@@ -327,7 +327,21 @@ fn connect(opts: &MasterOptions, owner: &Owner) -> Result<TcpStream> {
     }
 }
 
-/// Starts daemon `name` with its binding of `stream`.
+/// How a daemon's binding is started: a pool's bind-output or a bus's
+/// nats-output.
+pub(crate) struct Plan<'a> {
+    pub(crate) child: ChildBinding,
+    /// The binding's ID (its FIFO's name).
+    pub(crate) stream: &'a Id,
+    /// How long it may take to be ready.
+    pub(crate) limit: Duration,
+    /// Its stream's secret, handed over through a pipe.
+    pub(crate) secret: Option<&'a [u8]>,
+    /// Where its lines go, for the log.
+    pub(crate) to: String,
+}
+
+/// Starts daemon `name` with its binding of `stream` to the pool.
 fn start_daemon(
     opts: &MasterOptions,
     owner: &mut Owner,
@@ -339,10 +353,28 @@ fn start_daemon(
 ) -> Result<Daemon> {
     let mut child = ChildBinding::output(stream, &opts.host, port);
     child.connect_timeout = opts.connect_timeout;
-    // It connects before it is ready.
-    let limit = opts.connect_timeout + START_LIMIT;
-    let secret = STREAM_KEYS.then_some(secret);
-    let binding = owner.start_binding(ChildBinding::Output(child), stream, limit, secret)?;
+    let plan = Plan {
+        child: ChildBinding::Output(child),
+        stream,
+        // It connects before it is ready.
+        limit: opts.connect_timeout + START_LIMIT,
+        secret: STREAM_KEYS.then_some(secret),
+        to: format!("{}:{port}", opts.host),
+    };
+    start_planned(owner, name, path, ddir, plan)
+}
+
+/// Starts daemon `name` (the executable `path`, run in `ddir`) with its
+/// binding as `plan` says, both registered.
+pub(crate) fn start_planned(
+    owner: &mut Owner,
+    name: &Id,
+    path: &Path,
+    ddir: &Path,
+    plan: Plan<'_>,
+) -> Result<Daemon> {
+    let stream = plan.stream;
+    let binding = owner.start_binding(plan.child, stream, plan.limit, plan.secret)?;
     let fifo_path = owner.binding_dir().fifo(stream);
     // The binding holds its FIFO open read-write: this open returns at
     // once.
@@ -371,7 +403,7 @@ fn start_daemon(
     drop(child);
     let process = ProcessId::of(pid).unwrap_or(ProcessId { pid, start: 0 });
     owner.register(Kind::Daemon, process, name)?;
-    log::info!("daemon {name} (pid {pid}) → {}:{port}", opts.host);
+    log::info!("daemon {name} (pid {pid}) → {}", plan.to);
     Ok(Daemon {
         name: name.clone(),
         process,
@@ -382,7 +414,7 @@ fn start_daemon(
 }
 
 /// Waits for every daemon and binding to end.
-fn wait(owner: &mut Owner, daemons: &mut [Daemon]) -> Result<()> {
+pub(crate) fn wait(owner: &mut Owner, daemons: &mut [Daemon]) -> Result<()> {
     let mut set = PollSet::default();
     loop {
         for d in daemons.iter_mut() {

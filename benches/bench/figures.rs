@@ -161,7 +161,7 @@ impl Ctx {
 
     /// A binding in the foreground (our child, so its CPU time is exact),
     /// returned once it printed its PID, i.e. once it is ready.
-    fn binding(&self, mut c: Command, name: &str) -> Result<Proc, Fail> {
+    pub fn binding(&self, mut c: Command, name: &str) -> Result<Proc, Fail> {
         c.arg("--foreground").stdout(Stdio::piped());
         let mut p = self.spawn(&mut c, name)?;
         let out = p.stdout().unwrap();

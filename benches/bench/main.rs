@@ -12,6 +12,7 @@
 mod procs;
 
 mod figures;
+mod nats;
 mod plumbing;
 mod report;
 
@@ -38,14 +39,15 @@ N shuffled, interleaved rounds and prints medians of same-round ratios.
                     1 round of the 500-binding figure (about a minute)
   --rounds N        rounds (default 10)
   --mib N           MiB per throughput run (default 128)
-  --lines N         timed round trips per latency run (default 2000)
+  --lines N         timed round trips per latency run (default 2000);
+                    100 times as many lines per NATS run
   --starts N        starts per readiness run (default 20)
   --scale N         bindings in the up/down figure (default 500)
   --scale-rounds N  rounds that include the up/down figure (default 3)
   --burst N         concurrent connections in the burst (default 1000)
   --seed N          the shuffle's seed (default: from the clock; printed)
   --only LIST       only these figures, comma-separated, of: throughput,
-                    latency, burst, ready, idle, scale (default: all)
+                    latency, burst, ready, idle, scale, nats (default: all)
   --verbose         print each run and its time on stderr
   --dir DIR         where the temporary directory goes (default
                     $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp)
@@ -139,7 +141,15 @@ fn parse_args() -> Result<Opts, String> {
     Ok(o)
 }
 
-const KINDS: [&str; 6] = ["throughput", "latency", "burst", "ready", "idle", "scale"];
+const KINDS: [&str; 7] = [
+    "throughput",
+    "latency",
+    "burst",
+    "ready",
+    "idle",
+    "scale",
+    "nats",
+];
 
 static RNG: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
 
@@ -531,6 +541,18 @@ fn run(o: Opts) -> R<()> {
         );
         rounds.push(round);
     }
+    // After the rounds, on its own (benches/bench/nats.rs).
+    let nats = if o
+        .only
+        .as_ref()
+        .is_none_or(|l| l.iter().any(|k| k == "nats"))
+    {
+        let figure = nats::figure(&ctx, o.lines * 100)?;
+        eprintln!("bench: {figure}");
+        format!("\n\n{figure}")
+    } else {
+        String::new()
+    };
     let text = report::report(
         &o,
         &rounds,
@@ -539,6 +561,6 @@ fn run(o: Opts) -> R<()> {
         &loadavg(),
         started.elapsed(),
     );
-    println!("{header}\n\n{text}");
+    println!("{header}\n\n{text}{nats}");
     Ok(())
 }

@@ -131,6 +131,35 @@ impl ConnectArgs {
     }
 }
 
+/// JetStream or core NATS: the same choice on both sides.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Via {
+    /// Use the JetStream stream NAME, creating it (for SUBJECT) if it
+    /// does not exist; without it, JetStream is used when a stream holds
+    /// SUBJECT, core NATS otherwise
+    #[arg(long, value_name = "NAME", conflicts_with = "core")]
+    pub(crate) stream: Option<String>,
+
+    /// Use core NATS even if a stream holds SUBJECT: no acknowledgement,
+    /// no resume; lines may be lost when the server goes away or the
+    /// reader is slow
+    #[arg(long)]
+    pub(crate) core: bool,
+}
+
+/// What both NATS bindings take beside their arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct NatsArgs {
+    #[command(flatten)]
+    pub(crate) via: Via,
+
+    #[command(flatten)]
+    pub(crate) connect: ConnectArgs,
+
+    #[command(flatten)]
+    pub(crate) common: BindingOptions,
+}
+
 /// Publish every whole line written into the named pipe <runtime dir>/ID
 /// as one NATS message on SUBJECT. Prints the PID of the background
 /// binding once connected.
@@ -145,22 +174,8 @@ pub struct NatsOutput {
     #[arg(value_name = "SUBJECT")]
     pub(crate) subject: Subject,
 
-    /// Publish into the JetStream stream NAME, creating it (for SUBJECT)
-    /// if it does not exist; without it, JetStream is used when a stream
-    /// holds SUBJECT, core NATS otherwise
-    #[arg(long, value_name = "NAME", conflicts_with = "core")]
-    pub(crate) stream: Option<String>,
-
-    /// Publish with core NATS even if a stream holds SUBJECT (no
-    /// acknowledgement: lines may be lost when the server goes away)
-    #[arg(long)]
-    pub(crate) core: bool,
-
     #[command(flatten)]
-    pub(crate) connect: ConnectArgs,
-
-    #[command(flatten)]
-    pub(crate) common: BindingOptions,
+    pub(crate) nats: NatsArgs,
 }
 
 /// Where a new consumer starts in its stream.
@@ -235,22 +250,8 @@ pub struct NatsInput {
     )]
     pub(crate) deliver: Deliver,
 
-    /// Consume from the JetStream stream NAME, creating it (for SUBJECT)
-    /// if it does not exist; without it, JetStream is used when a stream
-    /// holds SUBJECT, core NATS otherwise
-    #[arg(long, value_name = "NAME", conflicts_with = "core")]
-    pub(crate) stream: Option<String>,
-
-    /// Subscribe with core NATS even if a stream holds SUBJECT (no
-    /// acknowledgement, no resume; a slow reader loses messages)
-    #[arg(long)]
-    pub(crate) core: bool,
-
     #[command(flatten)]
-    pub(crate) connect: ConnectArgs,
-
-    #[command(flatten)]
-    pub(crate) common: BindingOptions,
+    pub(crate) nats: NatsArgs,
 }
 
 /// nats-output's options, its secrets read (call before any thread).
@@ -258,10 +259,10 @@ pub fn output_options(a: NatsOutput) -> Result<crate::nats::output::OutputOption
     Ok(crate::nats::output::OutputOptions {
         id: a.id,
         subject: a.subject,
-        stream: a.stream,
-        core: a.core,
-        settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common,
+        stream: a.nats.via.stream,
+        core: a.nats.via.core,
+        settings: crate::nats::connect::Settings::read(a.nats.connect)?,
+        common: a.nats.common,
     })
 }
 
@@ -273,9 +274,9 @@ pub fn input_options(a: NatsInput) -> Result<crate::nats::input::InputOptions> {
         durable: a.durable,
         queue: a.queue,
         deliver: a.deliver,
-        stream: a.stream,
-        core: a.core,
-        settings: crate::nats::connect::Settings::read(a.connect)?,
-        common: a.common,
+        stream: a.nats.via.stream,
+        core: a.nats.via.core,
+        settings: crate::nats::connect::Settings::read(a.nats.connect)?,
+        common: a.nats.common,
     })
 }

@@ -2,7 +2,9 @@
 //!
 //! `nats-output ID SUBJECT` publishes each whole line written into its
 //! FIFO as one message; `nats-input ID SUBJECT` writes each message it
-//! receives as one line into its FIFO. Under JetStream both are exactly
+//! receives as one line into its FIFO. `nats-master PREFIX DDIR` and
+//! `nats-pool PREFIX` are master and pool with those two as children and
+//! subjects `PREFIX.HOST.DAEMON` between them ([`bus`]). Under JetStream both are exactly
 //! once: acknowledged publishes carrying message IDs the server
 //! de-duplicates, and a durable consumer acknowledged only once the line
 //! is in the FIFO.
@@ -13,9 +15,13 @@
 //! runtime directory, daemonizing and readiness, signals — is the
 //! library's ([`crate::binding`]), used as is; only the data path is new.
 
+pub mod bus;
+pub(crate) mod child;
 pub mod cli;
 pub(crate) mod connect;
 pub(crate) mod events;
 pub mod input;
+pub mod master;
 pub mod output;
+pub mod pool;
 pub(crate) mod position;

@@ -10,6 +10,8 @@ mod limits;
 mod man;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "nats")]
+mod nats_pool;
 mod operate;
 mod pool_master;
 mod protocol2;

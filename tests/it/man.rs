@@ -28,6 +28,8 @@ const COMMANDS: &[(&str, Definition)] = &[
 const NATS_COMMANDS: &[(&str, Definition)] = &[
     ("nats-output", fifobind::nats::cli::NatsOutput::command),
     ("nats-input", fifobind::nats::cli::NatsInput::command),
+    ("nats-master", fifobind::nats::bus::NatsMaster::command),
+    ("nats-pool", fifobind::nats::bus::NatsPool::command),
 ];
 #[cfg(not(feature = "nats"))]
 const NATS_COMMANDS: &[(&str, Definition)] = &[];

@@ -1,98 +1,19 @@
 //! nats-output and nats-input against a real `nats-server -js`, started
 //! by each test on a loopback port with a store of its own, stopped on
-//! drop. The server helper lives here, not in the shared harness: only
-//! these tests use it.
+//! drop (the harness's [`NatsServer`]).
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Env, PATIENCE, free_port, have_tool, kill, read_lines_from, wait_for, wait_gone,
+    Env, NatsServer as Server, PATIENCE, kill, read_lines_from, wait_for, wait_gone,
 };
 
 const NATS_OUTPUT: &str = env!("CARGO_BIN_EXE_nats-output");
 const NATS_INPUT: &str = env!("CARGO_BIN_EXE_nats-input");
-
-/// A nats-server with JetStream, on 127.0.0.1 only.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    store: PathBuf,
-    extra: Vec<String>,
-}
-
-impl Server {
-    /// None (the test skipped) when nats-server is missing.
-    fn start(env: &Env, extra: &[&str]) -> Option<Server> {
-        if !have_tool("nats-server", "nats-server") {
-            return None;
-        }
-        let store = env.tmp().join("js");
-        let mut server = Server {
-            child: None,
-            port: free_port(),
-            store,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        server.spawn();
-        Some(server)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let port = self.port;
-        assert!(
-            wait_for(PATIENCE, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
-            "nats-server did not listen on {port}"
-        );
-    }
-
-    fn stop(&mut self, sig: i32) {
-        if let Some(mut child) = self.child.take() {
-            kill(child.id() as i32, sig);
-            let deadline = Instant::now() + PATIENCE;
-            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// Writes `lines` into a FIFO from a thread, opening it once.
 fn write_lines(fifo: PathBuf, lines: Vec<String>) -> std::thread::JoinHandle<()> {

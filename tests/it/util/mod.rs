@@ -3,6 +3,8 @@
 
 mod binding;
 mod env;
+#[cfg(feature = "nats")]
+mod nats;
 mod net;
 mod pool;
 mod procs;
@@ -13,6 +15,8 @@ mod wire;
 
 pub use binding::*;
 pub use env::*;
+#[cfg(feature = "nats")]
+pub use nats::*;
 pub use net::*;
 pub use pool::*;
 pub use procs::*;
