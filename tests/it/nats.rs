@@ -15,6 +15,13 @@ use crate::util::{
 const NATS_OUTPUT: &str = env!("CARGO_BIN_EXE_nats-output");
 const NATS_INPUT: &str = env!("CARGO_BIN_EXE_nats-input");
 
+/// Stops a consumer and a publisher with SIGTERM; both must be gone.
+fn stop_both(input: i32, output: i32) {
+    kill(input, libc::SIGTERM);
+    kill(output, libc::SIGTERM);
+    assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
+}
+
 /// Writes `lines` into a FIFO from a thread, opening it once.
 fn write_lines(fifo: PathBuf, lines: Vec<String>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -289,9 +296,7 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
         order.windows(2).all(|w| w[0] < w[1]),
         "out of order across the restart"
     );
-    kill(input, libc::SIGTERM);
-    kill(output, libc::SIGTERM);
-    assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
+    stop_both(input, output);
 }
 
 /// The kill of the test above, many times in one run and wherever the
@@ -439,9 +444,7 @@ fn server_restarted(n: usize, part: usize, sig: i32) {
         "a binding ended in the outage: {}",
         env.logs()
     );
-    kill(input, libc::SIGTERM);
-    kill(output, libc::SIGTERM);
-    assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
+    stop_both(input, output);
 }
 
 #[test]
@@ -614,9 +617,7 @@ fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
     let mut reader = open_fifo(&env.fifo("in"));
     let got = read_count(&mut reader, n, Duration::from_secs(60));
     assert_once(&got, &want, &env);
-    kill(input, libc::SIGTERM);
-    kill(output, libc::SIGTERM);
-    assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
+    stop_both(input, output);
 }
 
 #[test]
