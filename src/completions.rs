@@ -1,4 +1,5 @@
-//! `fifobind completions SHELL`: completion scripts for the five commands.
+//! `fifobind completions SHELL`: completion scripts for every command
+//! of the package (the NATS ones too when built with them).
 //!
 //! clap_complete writes what clap knows (subcommands, options, value
 //! names); what it cannot know, the names live in the runtime directory,
@@ -59,22 +60,29 @@ const FISH_LIVE: &str = r#"
 complete -c fifobind -n '__fish_seen_subcommand_from stop path' -f -a '(fifobind list --names 2>/dev/null)'
 "#;
 
-/// The script for `shell`: the four commands' and `fifobind`'s (whose
-/// clap definition lives in its main), then the live names. The zsh one
-/// may be sourced or installed as `_fifobind` in `$fpath`.
+/// The script for `shell`: each command's and `fifobind`'s (whose clap
+/// definition lives in its main), then the live names. The zsh one may
+/// be sourced or installed as `_fifobind` in `$fpath`.
 pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
     let (generator, live) = match shell {
         Target::Bash => (Shell::Bash, BASH_LIVE),
         Target::Zsh => (Shell::Zsh, ZSH_LIVE),
         Target::Fish => (Shell::Fish, FISH_LIVE),
     };
-    let commands = [
+    let mut commands = vec![
         ("bind-input", crate::input::InputOptions::command()),
         ("bind-output", crate::output::OutputOptions::command()),
         ("pool", crate::pool::PoolOptions::command()),
         ("master", crate::master::MasterOptions::command()),
-        ("fifobind", fifobind),
     ];
+    #[cfg(feature = "nats")]
+    commands.extend([
+        ("nats-output", crate::nats::cli::NatsOutput::command()),
+        ("nats-input", crate::nats::cli::NatsInput::command()),
+        ("nats-master", crate::nats::bus::NatsMaster::command()),
+        ("nats-pool", crate::nats::bus::NatsPool::command()),
+    ]);
+    commands.push(("fifobind", fifobind));
     let mut out = Vec::new();
     if let Target::Zsh = shell {
         let names: Vec<&str> = commands.iter().map(|(name, _)| *name).collect();
@@ -96,7 +104,7 @@ pub(crate) fn script(shell: Target, fifobind: clap::Command) -> Vec<u8> {
 }
 
 /// Autoloaded from a `_fifobind` file in `$fpath` (as the package installs
-/// it) for any of the five commands, the script has just defined their
+/// it) for any of the commands, the script has just defined their
 /// functions: it completes the command at hand with its own.
 const ZSH_AUTOLOADED: &str = r#"
 if [[ $funcstack[1] == _fifobind ]]; then
@@ -107,10 +115,10 @@ if [[ $funcstack[1] == _fifobind ]]; then
 fi
 "#;
 
-/// One command's part of the zsh script, made fit for one file of five
+/// One command's part of the zsh script, made fit for one file of all
 /// commands, sourced or autoloaded: clap writes a file per command (its
 /// own `#compdef` line, and a tail that completes at once when autoloaded
-/// under its name); here the five only register their functions, and
+/// under its name); here they only register their functions, and
 /// [`ZSH_AUTOLOADED`] completes.
 fn zsh_part(text: &str, name: &str) -> String {
     let tail = format!(

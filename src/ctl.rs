@@ -40,7 +40,7 @@ pub(crate) enum Command {
     List(crate::ctl_list::ListArgs),
     /// Stop bindings, pools and masters by name, and wait until they are gone
     Stop(crate::ctl_stop::StopArgs),
-    /// Print the completion script of the five commands for a shell
+    /// Print the completion script of every command for a shell
     Completions(crate::completions::CompletionsArgs),
 }
 

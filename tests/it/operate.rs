@@ -713,11 +713,13 @@ fn completions_load_in_bash_and_offer_the_live_names() {
     let _in1 = env.start(BIND_INPUT, &["in1", &port.to_string()]);
     let out = env.bash(
         r#"source <(fifobind completions bash) || exit 1
-        for c in bind-input bind-output pool master fifobind; do complete -p "$c" || exit 1; done
+        for c in bind-input bind-output pool master fifobind nats-output nats-input nats-master nats-pool; do complete -p "$c" || exit 1; done
         COMP_WORDS=(fifobind stop ""); COMP_CWORD=2; _fifobind_live
         echo "names: ${COMPREPLY[*]}"
         COMP_WORDS=(bind-input --f); COMP_CWORD=1; COMPREPLY=(); _bind__input bind-input --f bind-input
-        echo "options: ${COMPREPLY[*]}""#,
+        echo "options: ${COMPREPLY[*]}"
+        COMP_WORDS=(nats-input --dur); COMP_CWORD=1; COMPREPLY=(); _nats__input nats-input --dur nats-input
+        echo "nats options: ${COMPREPLY[*]}""#,
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&out));
@@ -725,6 +727,7 @@ fn completions_load_in_bash_and_offer_the_live_names() {
     assert!(text.contains("_fifobind_live"), "{text}");
     assert!(text.contains("names: in1\n"), "{text}");
     assert!(text.contains("--foreground"), "{text}");
+    assert!(text.contains("nats options: --durable"), "{text}");
     for shell in ["zsh", "fish"] {
         let out = env.run(FIFOBIND, &["completions", shell]);
         assert!(
@@ -741,10 +744,10 @@ fn completions_load_in_bash_and_offer_the_live_names() {
 
 /// The zsh script works both ways it is used: installed as `_fifobind` in
 /// `$fpath` (the package's vendor-completions file), where its `#compdef`
-/// line claims all five commands and, loaded once, it registers each
+/// line claims all nine commands and, loaded once, it registers each
 /// one's function; and sourced.
 #[test]
-fn zsh_completions_load_autoloaded_for_all_five_commands_and_sourced() {
+fn zsh_completions_load_autoloaded_for_all_nine_commands_and_sourced() {
     if !have_tool("zsh", "zsh") {
         return;
     }
@@ -756,7 +759,7 @@ fn zsh_completions_load_autoloaded_for_all_five_commands_and_sourced() {
     std::fs::write(fpath.join("_fifobind"), &out.stdout).unwrap();
     let script = format!(
         r#"fpath=({dir} $fpath); autoload -Uz compinit; compinit -u -d {dir}/dump
-        comps() {{ print -r -- "$1: $_comps[bind-input] $_comps[bind-output] $_comps[pool] $_comps[master] $_comps[fifobind]"; }}
+        comps() {{ print -r -- "$1: $_comps[bind-input] $_comps[bind-output] $_comps[pool] $_comps[master] $_comps[nats-output] $_comps[nats-input] $_comps[nats-master] $_comps[nats-pool] $_comps[fifobind]"; }}
         comps autoload
         # What completing `pool ` first does: load the file for it.
         service=pool; _fifobind 2>/dev/null
@@ -773,10 +776,11 @@ fn zsh_completions_load_autoloaded_for_all_five_commands_and_sourced() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
-        text.contains("autoload: _fifobind _fifobind _fifobind _fifobind _fifobind\n"),
+        text.contains(&format!("autoload:{}\n", " _fifobind".repeat(9))),
         "{text}"
     );
-    let registered = "_bind-input _bind-output _pool _master _fifobind_live\n";
+    let registered = "_bind-input _bind-output _pool _master _nats-output _nats-input \
+                      _nats-master _nats-pool _fifobind_live\n";
     assert!(text.contains(&format!("loaded: {registered}")), "{text}");
     assert!(text.contains(&format!("sourced: {registered}")), "{text}");
     env.assert_clean();
