@@ -386,3 +386,46 @@ impl Round {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// The first line `stream` reads.
+    fn first_line(stream: &TcpStream) -> String {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    }
+
+    #[test]
+    fn one_address_gets_its_share_of_the_door_and_the_next_is_turned_away() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let at = listener.local_addr().unwrap();
+        let mut door = Door::new(Key::new(b"k".to_vec()).unwrap(), Duration::from_secs(10));
+        let clients: Vec<TcpStream> = (0..=MAX_PENDING_PER_ADDR)
+            .map(|_| TcpStream::connect(at).unwrap())
+            .collect();
+        let last = &clients[MAX_PENDING_PER_ADDR];
+        // Until the kernel has queued the last one too, and it is answered.
+        last.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while last.peek(&mut [0u8; 1]).is_err() && Instant::now() < deadline {
+            door.accept(&listener);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        last.set_nonblocking(false).unwrap();
+        assert_eq!(door.pending.len(), MAX_PENDING_PER_ADDR);
+        for c in &clients[..MAX_PENDING_PER_ADDR] {
+            assert!(first_line(c).starts_with("FIFOBIND "), "a greeting");
+        }
+        assert_eq!(first_line(last), format!("ERR {BUSY}\n"));
+        door.close();
+        assert!(door.pending.is_empty());
+    }
+}
