@@ -125,27 +125,17 @@ pub struct InputOptions {
     /// connecting (0: never; default 60, never with --once)
     // `::std::option::Option`: clap then takes the parser's `None` (for
     // 0) as the value, instead of making the option optional.
-    #[arg(
-        long,
-        value_name = "SECS",
-        value_parser = cli::seconds_or_none,
-        default_value = "60",
-        default_value_if("once", "true", "0"),
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds_or_none)]
+    #[arg(default_value = "60", hide_default_value = true)]
+    #[arg(default_value_if("once", "true", "0"))]
     pub(crate) idle_timeout: ::std::option::Option<Duration>,
 
     /// Let a connection hold the FIFO in the middle of a line for SECS
     /// seconds of waiting for its rest; then complete the line and close
     /// the connection (0: no limit; default 10, none with --once)
-    #[arg(
-        long,
-        value_name = "SECS",
-        value_parser = cli::seconds_or_none,
-        default_value = "10",
-        default_value_if("once", "true", "0"),
-        hide_default_value = true
-    )]
+    #[arg(long, value_name = "SECS", value_parser = cli::seconds_or_none)]
+    #[arg(default_value = "10", hide_default_value = true)]
+    #[arg(default_value_if("once", "true", "0"))]
     pub(crate) line_timeout: ::std::option::Option<Duration>,
 
     /// With --once: exit (status 75) if nobody connected within SECS seconds

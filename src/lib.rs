@@ -13,6 +13,8 @@ mod completions;
 pub mod ctl;
 mod ctl_list;
 mod ctl_stop;
+mod daemons;
+mod door;
 pub mod error;
 mod fifo;
 mod framer;

@@ -1,16 +1,8 @@
 //! pool: the receiving end of masters.
 //!
 //! One poll loop does everything: the listener, the handshakes at the
-//! door, the sessions of the masters it admitted, signals and children.
-//! The door runs each handshake as a [`Challenge`] fed bytes as they
-//! come, so none can hold up another. It is bounded per address
-//! ([`MAX_PENDING_PER_ADDR`]: a newcomer beyond that is turned away) and
-//! in total ([`MAX_PENDING`]: the oldest makes room), and each handshake
-//! has the step timeout to finish; so a flood of idle connections from
-//! one address cannot keep a master at another out. A wrong key holds
-//! its address back ([`Penalties`]: exponential delay): while it waits,
-//! its connections get a clear `ERR` instead of a greeting, no SPAKE2
-//! work, and the log gets one summary line per interval.
+//! door ([`crate::door`]: bounded, per address, penalised), the sessions
+//! of the masters it admitted, signals and children.
 //!
 //! Each admitted master is a session, named `HELLO`'s name (or `-2`,
 //! `-3`... while a live session has it). For each daemon it announces,
@@ -22,39 +14,22 @@
 //! session has ended and exits once that session's bindings have.
 
 use std::collections::HashSet;
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Write};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::args::{Id, Key, Port};
 use crate::claim;
 use crate::cli::{self, ChildBinding, KeyArgs};
+use crate::door::{Admitted, Door, Round, flush, read_some};
 use crate::error::{Error, ExitStatus, Result};
 use crate::net;
-use crate::penalty::Penalties;
 use crate::poll::{IN, OUT, PollSet};
-use crate::protocol::{self, Challenge, Failure, Message, Progress};
+use crate::protocol::{self, Message};
 use crate::runtime_dir::RuntimeDir;
 use crate::secure::{Channel, Frame};
 use crate::supervise::{Owner, START_LIMIT, STREAM_KEYS};
-
-/// Handshakes in progress at once; a newcomer beyond them pushes the
-/// oldest out.
-pub(crate) const MAX_PENDING: usize = 256;
-/// Handshakes in progress at once from one address; a newcomer beyond
-/// them is turned away.
-pub(crate) const MAX_PENDING_PER_ADDR: usize = 8;
-/// The first wrong key holds an address back this long; each further one
-/// doubles it, up to [`PENALTY_MAX`].
-pub(crate) const PENALTY_BASE: Duration = Duration::from_secs(1);
-pub(crate) const PENALTY_MAX: Duration = Duration::from_secs(60);
-/// Addresses remembered for their wrong keys.
-const PENALTY_TABLE: usize = 4096;
-/// At most one summary line of wrong keys per interval.
-const SUMMARY_EVERY: Duration = Duration::from_secs(10);
-/// The answer to a handshake turned away or pushed out.
-const BUSY: &str = "busy: too many connections";
 /// Tries at finding a free port before answering ERR.
 const PORT_TRIES: usize = 64;
 /// Wait for a master on PORT; for each daemon it announces, start a
@@ -118,18 +93,6 @@ impl PoolOptions {
     }
 }
 
-/// A connection at the door: its handshake under way.
-struct Pending {
-    stream: TcpStream,
-    peer: SocketAddr,
-    challenge: Challenge,
-    deadline: Instant,
-    /// What it sent while another handshake from its address was testing
-    /// its key: one key test per address at a time, so that parallel
-    /// connections do not multiply an attacker's guesses.
-    waiting: Vec<u8>,
-}
-
 /// An admitted master's control connection.
 struct Link {
     stream: TcpStream,
@@ -153,9 +116,8 @@ struct Pool {
     owner: Owner,
     /// `None` once a `--once` pool's session has ended.
     listener: Option<TcpListener>,
-    pending: Vec<Pending>,
+    door: Door,
     sessions: Vec<Session>,
-    penalties: Penalties,
     /// A `--once` pool has admitted its session.
     taken: bool,
 }
@@ -166,61 +128,19 @@ pub fn run(opts: PoolOptions) -> Result<()> {
     log::info!("waiting for a master on port {}", opts.port);
     crate::status::start_owner(&owner.dir, &owner.name, "pool", opts.port.0, None);
     crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
+    let door = Door::new(opts.key().clone(), opts.step_timeout);
     let mut pool = Pool {
         opts,
         owner,
         listener: Some(listener),
-        pending: Vec::new(),
+        door,
         sessions: Vec::new(),
-        penalties: Penalties::new(PENALTY_BASE, PENALTY_MAX, PENALTY_TABLE),
         taken: false,
     };
     let outcome = pool.run();
-    if let Some(line) = pool.penalties.flush(Instant::now()) {
-        log::warn!("{line}");
-    }
+    pool.door.last_summary();
     pool.owner.finish(outcome)
 }
-
-/// Writes what `out` holds as far as the socket takes it now.
-fn flush(stream: &TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
-    while !out.is_empty() {
-        match (&*stream).write(out) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                out.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Reads what has arrived; `Ok(0)` is end-of-file, `WouldBlock` nothing.
-fn read_some(stream: &TcpStream, into: &mut Vec<u8>) -> io::Result<usize> {
-    let mut chunk = [0u8; 8192];
-    loop {
-        match (&*stream).read(&mut chunk) {
-            Ok(n) => {
-                into.extend_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Sends a last line in clear text, as far as the socket takes it at
-/// once, and closes.
-fn turn_away(stream: &TcpStream, line: &str) {
-    let mut out = format!("ERR {line}\n").into_bytes();
-    let _ = flush(stream, &mut out);
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
 impl Pool {
     fn run(&mut self) -> Result<()> {
         let mut set = PollSet::default();
@@ -247,27 +167,13 @@ impl Pool {
                 return Ok(());
             }
             let now = Instant::now();
-            if let Some(line) = self.penalties.summary(now, SUMMARY_EVERY) {
-                log::warn!("{line}");
-            }
-            self.expire(now);
+            self.door.tick(now);
 
             set.clear();
             let sig = set.add(self.owner.signals.as_fd(), IN);
             set.add(self.owner.children.as_fd(), IN);
             let listen = self.listener.as_ref().map(|l| set.add(l.as_fd(), IN));
-            let pending: Vec<usize> = self
-                .pending
-                .iter()
-                .map(|p| {
-                    let ev = if p.challenge.out.is_empty() {
-                        IN
-                    } else {
-                        IN | OUT
-                    };
-                    set.add(p.stream.as_fd(), ev)
-                })
-                .collect();
+            let pending = self.door.watch(&mut set);
             let links: Vec<Option<usize>> = self
                 .sessions
                 .iter()
@@ -278,16 +184,7 @@ impl Pool {
                     })
                 })
                 .collect();
-            // Deadlines of the handshakes, and the summary's interval.
-            let mut timeout = Duration::from_secs(1);
-            if self.pending.iter().any(|p| !p.waiting.is_empty()) {
-                // Held for a key test of their address, which may be over.
-                timeout = Duration::from_millis(10);
-            }
-            if let Some(first) = self.pending.iter().map(|p| p.deadline).min() {
-                timeout = timeout.min(first.saturating_duration_since(now));
-            }
-            set.wait(Some(timeout))
+            set.wait(Some(self.door.timeout(now)))
                 .map_err(|e| Error::io("cannot wait for events", &e))?;
             self.owner.children.drain();
             if set.revents(sig) != 0
@@ -305,226 +202,53 @@ impl Pool {
             for i in ready {
                 self.serve(i)?;
             }
-            let ready: Vec<bool> = pending.iter().map(|&s| set.revents(s) != 0).collect();
-            self.door(&ready);
+            let mut round = Round::new(pending.iter().map(|&s| set.revents(s) != 0).collect());
+            while let Some(admitted) = self.door.next(&mut round) {
+                self.admit(admitted);
+            }
             if let Some(slot) = listen
                 && set.revents(slot) != 0
+                && let Some(listener) = &self.listener
             {
-                self.accept();
+                self.door.accept(listener);
             }
         }
     }
 
-    /// Closes the handshakes that ran out of time.
-    fn expire(&mut self, now: Instant) {
-        self.pending.retain(|p| {
-            if p.deadline > now {
-                return true;
-            }
-            log::debug!("connection from {}: handshake timed out", p.peer);
-            let _ = p.stream.shutdown(Shutdown::Both);
-            false
-        });
-    }
-
-    fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
+    /// A master through the door: its session opens, unless a `--once`
+    /// pool has had its one.
+    fn admit(&mut self, admitted: Admitted) {
+        let (ip, name) = (admitted.ip, admitted.name);
+        let mut link = Link {
+            stream: admitted.stream,
+            channel: admitted.channel,
+            inbuf: admitted.rest,
+            out: admitted.out,
+        };
+        if self.opts.once && self.taken {
+            log::info!("master {ip} ({name}): busy with the one session of --once");
+            link.say(&Message::Err {
+                reason: "busy: this pool serves one session (--once)".into(),
+            });
+            link.close();
             return;
-        };
-        loop {
-            let (stream, peer) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("cannot accept: {}", crate::error::describe_io(&e));
-                    return;
-                }
-            };
-            // A dual-stack listener's IPv4 peers, logged as IPv4.
-            let peer = net::unmapped(peer);
-            let ip = net::canonical(peer.ip());
-            let now = Instant::now();
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            if let Some(wait) = self.penalties.wait(ip, now) {
-                self.penalties.refused();
-                turn_away(
-                    &stream,
-                    &format!(
-                        "too many wrong keys from {ip}; retry in {} s",
-                        wait.as_secs_f64().ceil()
-                    ),
-                );
-                continue;
-            }
-            let from_ip = self
-                .pending
-                .iter()
-                .filter(|p| net::canonical(p.peer.ip()) == ip)
-                .count();
-            if from_ip >= MAX_PENDING_PER_ADDR {
-                // Not logged: a flood would flood the log too.
-                turn_away(&stream, BUSY);
-                continue;
-            }
-            if self.pending.len() >= MAX_PENDING {
-                // The oldest, the likeliest to be idle (a master answers
-                // within a round trip), makes room.
-                let oldest = self.pending.remove(0);
-                log::debug!(
-                    "too many handshakes at once: dropped the oldest, from {}",
-                    oldest.peer
-                );
-                turn_away(&oldest.stream, BUSY);
-            }
-            let _ = stream.set_nodelay(true);
-            let mut p = Pending {
-                challenge: Challenge::new(self.opts.key()),
-                deadline: now + self.opts.step_timeout,
-                stream,
-                peer,
-                waiting: Vec::new(),
-            };
-            if flush(&p.stream, &mut p.challenge.out).is_ok() {
-                self.pending.push(p);
-            }
         }
-    }
-
-    /// Moves on the handshakes whose connections are ready.
-    fn door(&mut self, ready: &[bool]) {
-        let mut i = 0;
-        let mut index = 0;
-        while i < self.pending.len() {
-            let is_ready =
-                ready.get(index).copied().unwrap_or(false) || !self.pending[i].waiting.is_empty();
-            index += 1;
-            if !is_ready {
-                i += 1;
-                continue;
-            }
-            match self.handshake(i) {
-                None => i += 1,
-                Some(outcome) => {
-                    let p = self.pending.remove(i);
-                    self.settle(p, outcome);
-                }
-            }
-        }
-    }
-
-    /// One step of handshake `i`; `Some` when it is over.
-    fn handshake(&mut self, i: usize) -> Option<Progress> {
-        let ip = net::canonical(self.pending[i].peer.ip());
-        let testing = self
-            .pending
-            .iter()
-            .enumerate()
-            .any(|(j, q)| j != i && q.challenge.greeted() && net::canonical(q.peer.ip()) == ip);
-        let p = &mut self.pending[i];
-        let greeted = p.challenge.greeted();
-        let mut got = std::mem::take(&mut p.waiting);
-        match read_some(&p.stream, &mut got) {
-            Ok(0) => {
-                return Some(Progress::Failed(Failure::Io(
-                    io::ErrorKind::UnexpectedEof.into(),
-                )));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Some(Progress::Failed(Failure::Io(e))),
-        }
-        if !greeted && !got.is_empty() && testing {
-            p.waiting = got;
-            return None;
-        }
-        // Parallel guesses from one address: held back since this one
-        // connected, it is not heard either.
-        if !greeted
-            && !got.is_empty()
-            && let Some(wait) = self.penalties.wait(ip, Instant::now())
-        {
-            self.penalties.refused();
-            turn_away(
-                &p.stream,
-                &format!(
-                    "too many wrong keys from {ip}; retry in {} s",
-                    wait.as_secs_f64().ceil()
-                ),
-            );
-            return Some(Progress::Failed(Failure::Refused("held back".into())));
-        }
-        let progress = if got.is_empty() {
-            Progress::More
-        } else {
-            p.challenge.feed(&got)
-        };
-        if let Err(e) = flush(&p.stream, &mut p.challenge.out) {
-            return Some(Progress::Failed(Failure::Io(e)));
-        }
-        match progress {
-            Progress::More => None,
-            done => Some(done),
-        }
-    }
-
-    /// A handshake is over: the master is admitted, or turned away.
-    fn settle(&mut self, mut p: Pending, outcome: Progress) {
-        let ip = net::canonical(p.peer.ip());
-        match outcome {
-            Progress::More => unreachable!("settled while under way"),
-            Progress::Failed(Failure::Denied(_)) => {
-                self.penalties.failed(ip, Instant::now());
-                let _ = p.stream.shutdown(Shutdown::Both);
-            }
-            Progress::Failed(Failure::Refused(_)) => {}
-            Progress::Failed(e) => {
-                match &e {
-                    Failure::Version(_) => log::info!("connection from {}: {e}", p.peer),
-                    _ => log::debug!("connection from {}: {e}", p.peer),
-                }
-                let _ = flush(&p.stream, &mut p.challenge.out);
-                let _ = p.stream.shutdown(Shutdown::Both);
-            }
-            Progress::Admitted {
-                channel,
-                name,
-                rest,
-            } => {
-                self.penalties.succeeded(ip);
-                let mut link = Link {
-                    stream: p.stream,
-                    channel,
-                    inbuf: rest,
-                    out: std::mem::take(&mut p.challenge.out),
-                };
-                if self.opts.once && self.taken {
-                    log::info!("master {ip} ({name}): busy with the one session of --once");
-                    link.say(&Message::Err {
-                        reason: "busy: this pool serves one session (--once)".into(),
-                    });
-                    link.close();
-                    return;
-                }
-                self.taken = true;
-                let name = self.free_name(&name);
-                link.say(&Message::Session { name: name.clone() });
-                log::info!("master {ip} authenticated: session {name}");
-                crate::status::peer_added(ip);
-                self.sessions.push(Session {
-                    name,
-                    master: ip,
-                    link: Some(link),
-                    seen: HashSet::new(),
-                    bindings: HashSet::new(),
-                });
-                // What it sent after HELLO is served now.
-                let i = self.sessions.len() - 1;
-                if let Err(e) = self.serve(i) {
-                    log::warn!("{e}");
-                }
-            }
+        self.taken = true;
+        let name = self.free_name(&name);
+        link.say(&Message::Session { name: name.clone() });
+        log::info!("master {ip} authenticated: session {name}");
+        crate::status::peer_added(ip);
+        self.sessions.push(Session {
+            name,
+            master: ip,
+            link: Some(link),
+            seen: HashSet::new(),
+            bindings: HashSet::new(),
+        });
+        // What it sent after HELLO is served now.
+        let i = self.sessions.len() - 1;
+        if let Err(e) = self.serve(i) {
+            log::warn!("{e}");
         }
     }
 
@@ -627,9 +351,7 @@ impl Pool {
                 if self.opts.once {
                     // Stop listening: the port is free again at once.
                     self.listener = None;
-                    for p in self.pending.drain(..) {
-                        let _ = p.stream.shutdown(Shutdown::Both);
-                    }
+                    self.door.close();
                     log::info!("the session of --once is done: waiting for its bindings to end");
                 }
             }

@@ -1,24 +1,25 @@
 //! nats-master: master's daemons, their lines published to NATS.
 //!
-//! Everything but the far end is master's ([`crate::master`]): the
-//! daemon directory, one process group per daemon, the registry, the
-//! guardian and watchdog, signals and exit statuses. Instead of asking a
-//! pool for a port, each daemon gets a nats-output child publishing on
-//! `PREFIX.HOST.DAEMON` into the JetStream stream that holds `PREFIX.>`
-//! (made sure of first, so that no line goes where nothing keeps it).
-//! There is no session and no key: the server's credentials and TLS
-//! protect the stream, and the children read the same credential files.
+//! Everything but the far end is master's ([`crate::daemons`],
+//! [`Owner`]): the daemon directory, one process group per daemon, the
+//! registry, the guardian and watchdog, signals and exit statuses.
+//! Instead of asking a pool for a port, each daemon gets a nats-output
+//! child publishing on `PREFIX.HOST.DAEMON` into the JetStream stream
+//! that holds `PREFIX.>` (made sure of first, so that no line goes
+//! where nothing keeps it). There is no session and no key: the
+//! server's credentials and TLS protect the stream, and the children
+//! read the same credential files.
 
 use crate::cli::ChildBinding;
+use crate::daemons::{self, Plan};
 use crate::error::Result;
-use crate::master::{Plan, daemons, start_planned, wait};
 use crate::nats::bus::NatsMasterOptions;
 use crate::nats::cli::{NatsOutput, Subject};
 use crate::supervise::{Owner, START_LIMIT};
 
 pub fn run(opts: NatsMasterOptions) -> Result<()> {
     let ddir = std::path::absolute(&opts.ddir).unwrap_or(opts.ddir.clone());
-    let list = daemons(&ddir)?;
+    let list = daemons::list(&ddir)?;
     // Before any other thread (the runtime's resolver may start some):
     // then the runtime and its threads are gone.
     crate::nats::output::runtime()?.block_on(async {
@@ -50,10 +51,10 @@ pub fn run(opts: NatsMasterOptions) -> Result<()> {
                 secret: None,
                 to: subject.to_string(),
             };
-            started.push(start_planned(&mut owner, name, path, &ddir, plan)?);
+            started.push(daemons::start(&mut owner, name, path, &ddir, plan)?);
         }
         crate::notify::ready(&format!("{} daemons running", started.len()));
-        wait(&mut owner, &mut started)
+        daemons::wait(&mut owner, &mut started)
     })();
     owner.finish(outcome)
 }

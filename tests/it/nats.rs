@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Env, NatsServer as Server, PATIENCE, kill, read_lines_from, wait_for, wait_gone,
+    Env, PATIENCE, env_with_nats, kill, leftovers_but_positions, read_lines_from, wait_for,
+    wait_gone,
 };
 
 const NATS_OUTPUT: &str = env!("CARGO_BIN_EXE_nats-output");
@@ -20,6 +21,31 @@ fn stop_both(input: i32, output: i32) {
     kill(input, libc::SIGTERM);
     kill(output, libc::SIGTERM);
     assert!(wait_gone(input, PATIENCE) && wait_gone(output, PATIENCE));
+}
+
+/// nats-input's arguments: binding `id` of `subject`, read through the
+/// durable consumer `durable` of JetStream stream `stream`, from the
+/// stream's first message if `all`.
+fn durable<'a>(
+    url: &'a str,
+    (id, subject): (&'a str, &'a str),
+    (stream, durable): (&'a str, &'a str),
+    all: bool,
+) -> Vec<&'a str> {
+    let mut args = vec![
+        id,
+        subject,
+        "-s",
+        url,
+        "--stream",
+        stream,
+        "--durable",
+        durable,
+    ];
+    if all {
+        args.extend(["--deliver", "all"]);
+    }
+    args
 }
 
 /// Writes `lines` into a FIFO from a thread, opening it once.
@@ -100,26 +126,13 @@ fn assert_once(got: &[String], want: &[String], env: &Env) {
 
 #[test]
 fn nats_whole_lines_out_and_in_jetstream_and_core() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     // JetStream: the stream created by whichever side starts first.
     let input_binding = env.start(
         NATS_INPUT,
-        &[
-            "in1",
-            "logs.>",
-            "-s",
-            &url,
-            "--stream",
-            "LOGS",
-            "--durable",
-            "reader",
-            "--deliver",
-            "all",
-        ],
+        &durable(&url, ("in1", "logs.>"), ("LOGS", "reader"), true),
     );
     let input = input_binding.pid;
     let output_binding = env.start(
@@ -172,33 +185,18 @@ fn nats_whole_lines_out_and_in_jetstream_and_core() {
     kill(input, libc::SIGTERM);
     assert!(wait_gone(output, PATIENCE) && wait_gone(input, PATIENCE));
     // Nothing of the bindings is left but the consumer's position record.
-    let left: Vec<String> = env
-        .leftovers()
-        .into_iter()
-        .filter(|f| !f.ends_with(".nats"))
-        .collect();
+    let left = leftovers_but_positions(&env);
     assert!(left.is_empty(), "left: {left:?}");
 }
 
 #[test]
 fn nats_100000_lines_from_three_publishers_once_and_in_order() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let input_binding = env.start(
         NATS_INPUT,
-        &[
-            "all",
-            "fan.>",
-            "-s",
-            &url,
-            "--stream",
-            "FAN",
-            "--durable",
-            "all",
-        ],
+        &durable(&url, ("all", "fan.>"), ("FAN", "all"), false),
     );
     let mut reader = open_fifo(&env.fifo("all"));
     let per = [33_334, 33_333, 33_333];
@@ -244,11 +242,9 @@ fn nats_100000_lines_from_three_publishers_once_and_in_order() {
 
 #[test]
 fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let n = 30_000;
     let want = lines("k", n);
     let output_binding = env.start(
@@ -256,18 +252,7 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
         &["out", "kill.a", "-s", &url, "--stream", "KILL"],
     );
     let output = output_binding.pid;
-    let args = [
-        "in",
-        "kill.a",
-        "-s",
-        &url,
-        "--stream",
-        "KILL",
-        "--durable",
-        "k",
-        "--deliver",
-        "all",
-    ];
+    let args = durable(&url, ("in", "kill.a"), ("KILL", "k"), true);
     let input_binding = env.start(NATS_INPUT, &args);
     let input = input_binding.pid;
     let mut reader = open_fifo(&env.fifo("in"));
@@ -306,11 +291,9 @@ fn nats_consumer_sigkilled_and_restarted_resumes_without_loss_or_duplicate() {
 /// read as they were written.
 #[test]
 fn nats_consumer_sigkilled_many_times_writes_every_line_once() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let (n, kills): (usize, usize) = (12_000, 10);
     let pad = "y".repeat(200);
     let want: Vec<String> = (0..n).map(|i| format!("m {i} {pad}")).collect();
@@ -318,18 +301,7 @@ fn nats_consumer_sigkilled_many_times_writes_every_line_once() {
         NATS_OUTPUT,
         &["out", "many.a", "-s", &url, "--stream", "MANY"],
     );
-    let args = [
-        "in",
-        "many.a",
-        "-s",
-        &url,
-        "--stream",
-        "MANY",
-        "--durable",
-        "m",
-        "--deliver",
-        "all",
-    ];
+    let args = durable(&url, ("in", "many.a"), ("MANY", "m"), true);
     let mut input = env.start(NATS_INPUT, &args);
     let mut reader = open_fifo(&env.fifo("in"));
     let writer = write_lines(env.fifo("out"), want.clone());
@@ -393,28 +365,15 @@ fn nats_server_sigkilled_and_restarted_writes_no_line_twice() {
 /// `n` lines through a server stopped by `sig` and restarted once
 /// 1/`part` of them are read.
 fn server_restarted(n: usize, part: usize, sig: i32) {
-    let env = Env::new();
-    let Some(mut server) = Server::start(&env, &[]) else {
+    let Some((env, mut server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let want = lines("r", n);
     let output_binding = env.start(NATS_OUTPUT, &["out", "rs.a", "-s", &url, "--stream", "RS"]);
     let output = output_binding.pid;
     let input_binding = env.start(
         NATS_INPUT,
-        &[
-            "in",
-            "rs.a",
-            "-s",
-            &url,
-            "--stream",
-            "RS",
-            "--durable",
-            "r",
-            "--deliver",
-            "all",
-        ],
+        &durable(&url, ("in", "rs.a"), ("RS", "r"), true),
     );
     let input = input_binding.pid;
     let mut reader = open_fifo(&env.fifo("in"));
@@ -449,11 +408,9 @@ fn server_restarted(n: usize, part: usize, sig: i32) {
 
 #[test]
 fn nats_queue_group_of_two_splits_a_subject_nothing_lost_or_doubled() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let n = 10_000;
     let want = lines("q", n);
     let a_binding = env.start(
@@ -564,11 +521,9 @@ fn read_some(f: &mut fs::File, quiet: Duration) -> Vec<String> {
 
 #[test]
 fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
-    let env = Env::new();
-    let Some(server) = Server::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let n = 100_000;
     let pad = "x".repeat(390);
     let want: Vec<String> = (0..n).map(|i| format!("{i} {pad}")).collect();
@@ -579,18 +534,7 @@ fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
     let output = output_binding.pid;
     let input_binding = env.start(
         NATS_INPUT,
-        &[
-            "in",
-            "slow",
-            "-s",
-            &url,
-            "--stream",
-            "SLOW",
-            "--durable",
-            "s",
-            "--deliver",
-            "all",
-        ],
+        &durable(&url, ("in", "slow"), ("SLOW", "s"), true),
     );
     let input = input_binding.pid;
     let idle = rss_kib(input);
@@ -622,29 +566,28 @@ fn nats_slow_reader_keeps_the_consumer_memory_bounded() {
 
 #[test]
 fn nats_wrong_credential_is_refused_and_secrets_never_show() {
-    let env = Env::new();
+    // nats-output as user app with the password in `file`.
+    fn with_password<'a>(url: &'a str, file: &'a str) -> [&'a str; 8] {
+        [
+            "out",
+            "c.a",
+            "-s",
+            url,
+            "--user",
+            "app",
+            "--password-file",
+            file,
+        ]
+    }
     let secret = "s3cret-pass-4711";
-    let Some(server) = Server::start(&env, &["--user", "app", "--pass", secret]) else {
+    let Some((env, server, url)) = env_with_nats(&["--user", "app", "--pass", secret]) else {
         return;
     };
-    let url = server.url();
     let wrong = env.tmp().join("wrong");
     fs::write(&wrong, "not-the-password\n").unwrap();
     let good = env.tmp().join("good");
     fs::write(&good, format!("{secret}\n")).unwrap();
-    let out = env.run(
-        NATS_OUTPUT,
-        &[
-            "out",
-            "c.a",
-            "-s",
-            &url,
-            "--user",
-            "app",
-            "--password-file",
-            wrong.to_str().unwrap(),
-        ],
-    );
+    let out = env.run(NATS_OUTPUT, &with_password(&url, wrong.to_str().unwrap()));
     crate::util::assert_fails(&out, 77, "authorization");
     assert!(!env.fifo("out").exists(), "a refused binding left its FIFO");
     let out = env.run(NATS_INPUT, &["in", "c.a", "-s", &url, "--core"]);
@@ -661,19 +604,7 @@ fn nats_wrong_credential_is_refused_and_secrets_never_show() {
     );
     crate::util::assert_fails(&out, 2, "--password-file");
 
-    let pid_binding = env.start(
-        NATS_OUTPUT,
-        &[
-            "out",
-            "c.a",
-            "-s",
-            &url,
-            "--user",
-            "app",
-            "--password-file",
-            good.to_str().unwrap(),
-        ],
-    );
+    let pid_binding = env.start(NATS_OUTPUT, &with_password(&url, good.to_str().unwrap()));
     let pid = pid_binding.pid;
     for what in ["cmdline", "environ"] {
         let text = fs::read(format!("/proc/{pid}/{what}")).unwrap();

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::util::{
-    Env, NatsServer, PATIENCE, Spawned, assert_fails, kill, open_fifo, read_until,
-    test_certificates,
+    Env, NatsServer, PATIENCE, Spawned, assert_fails, env_with_nats, kill, leftovers_but_positions,
+    open_fifo, read_until, test_certificates,
 };
 
 const NATS_MASTER: &str = env!("CARGO_BIN_EXE_nats-master");
@@ -107,11 +107,9 @@ fn read_all(
 
 #[test]
 fn nats_pool_three_masters_fan_100000_lines_in_once_in_order_across_its_restart() {
-    let env = Env::new();
-    let Some(server) = NatsServer::start(&env, &[]) else {
+    let Some((env, _server, url)) = env_with_nats(&[]) else {
         return;
     };
-    let url = server.url();
     let connect = ["-s", url.as_str()];
     let mut pool = spawn_pool(&env, "fan", &connect);
     // Three hosts, two daemons each: 100,000 lines in all.
@@ -196,11 +194,7 @@ fn nats_pool_three_masters_fan_100000_lines_in_once_in_order_across_its_restart(
     // Nothing is left but the consumers' position records.
     let procs = env.wait_no_processes(PATIENCE);
     assert!(procs.is_empty(), "processes left: {procs:?}");
-    let left: Vec<String> = env
-        .leftovers()
-        .into_iter()
-        .filter(|f| !f.ends_with(".nats"))
-        .collect();
+    let left = leftovers_but_positions(&env);
     assert!(left.is_empty(), "left: {left:?}");
 }
 
@@ -240,11 +234,7 @@ fn refused(env: &Env, connect: &[&str], status: i32, needle: &str) {
     let mut args = vec!["cfg", ddir.to_str().unwrap()];
     args.extend_from_slice(connect);
     assert_fails(&env.run(NATS_MASTER, &args), status, needle);
-    let left: Vec<String> = env
-        .leftovers()
-        .into_iter()
-        .filter(|f| !f.ends_with(".nats"))
-        .collect();
+    let left = leftovers_but_positions(env);
     assert!(left.is_empty(), "a refused command left: {left:?}");
 }
 
@@ -275,11 +265,9 @@ fn nats_pool_and_master_over_tls_trusting_a_given_ca() {
 
 #[test]
 fn nats_pool_and_master_with_a_user_and_password_file() {
-    let env = Env::new();
-    let Some(server) = NatsServer::start(&env, &["--user", "app", "--pass", "pw-4711"]) else {
+    let Some((env, _server, url)) = env_with_nats(&["--user", "app", "--pass", "pw-4711"]) else {
         return;
     };
-    let url = server.url();
     let good = secret_file(&env, "good", "pw-4711");
     let wrong = secret_file(&env, "wrong", "pw-0000");
     three_lines_through(
@@ -296,11 +284,9 @@ fn nats_pool_and_master_with_a_user_and_password_file() {
 
 #[test]
 fn nats_pool_and_master_with_a_token_file() {
-    let env = Env::new();
-    let Some(server) = NatsServer::start(&env, &["--auth", "tok-4711"]) else {
+    let Some((env, _server, url)) = env_with_nats(&["--auth", "tok-4711"]) else {
         return;
     };
-    let url = server.url();
     let good = secret_file(&env, "good", "tok-4711");
     let wrong = secret_file(&env, "wrong", "tok-0000");
     three_lines_through(&env, &["-s", &url, "--token-file", &good]);

@@ -10,6 +10,26 @@ use std::time::{Duration, Instant};
 
 use super::{Env, PATIENCE, free_port, have_tool, kill, wait_for};
 
+/// A test's runtime directory and a nats-server started in it with
+/// `extra` arguments, and the server's URL; None (the test skipped) when
+/// nats-server is missing. The server stops when dropped: a test binds
+/// it (`_server`) for as long as it needs it.
+pub fn env_with_nats(extra: &[&str]) -> Option<(Env, NatsServer, String)> {
+    let env = Env::new();
+    let server = NatsServer::start(&env, extra)?;
+    let url = server.url();
+    Some((env, server, url))
+}
+
+/// What is left in the runtime directory but the consumers' position
+/// records (`*.nats`), which outlive their bindings on purpose.
+pub fn leftovers_but_positions(env: &Env) -> Vec<String> {
+    env.leftovers()
+        .into_iter()
+        .filter(|f| !f.ends_with(".nats"))
+        .collect()
+}
+
 /// A nats-server with JetStream, on 127.0.0.1 only.
 pub struct NatsServer {
     child: Option<Child>,
