@@ -94,13 +94,7 @@ pub fn run(opts: MasterOptions) -> Result<()> {
     let ddir = std::path::absolute(&opts.ddir).unwrap_or(opts.ddir.clone());
     let list = daemons::list(&ddir)?;
     let mut owner = Owner::new("master", true)?;
-    crate::status::start_owner(
-        &owner.dir,
-        &owner.name,
-        "master",
-        opts.port.0,
-        Some(opts.host.as_str()),
-    );
+    owner.publish(opts.port.0, Some(opts.host.as_str()));
     let mut started = Vec::new();
     let outcome = start_all(&opts, &mut owner, &mut started, &list, &ddir)
         .and_then(|()| daemons::wait(&mut owner, &mut started));

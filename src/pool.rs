@@ -126,7 +126,7 @@ pub fn run(opts: PoolOptions) -> Result<()> {
     let owner = Owner::new("pool", false)?;
     let listener = crate::activation::listen(opts.bind, opts.port)?;
     log::info!("waiting for a master on port {}", opts.port);
-    crate::status::start_owner(&owner.dir, &owner.name, "pool", opts.port.0, None);
+    owner.publish(opts.port.0, None);
     crate::notify::ready(&format!("waiting for a master on port {}", opts.port));
     let door = Door::new(opts.key().clone(), opts.step_timeout);
     let mut pool = Pool {

@@ -62,6 +62,8 @@ pub(crate) struct Owner {
     pub(crate) dir: RuntimeDir,
     /// `ROLE@PID`: the name its bookkeeping files go under.
     pub(crate) name: String,
+    /// `pool` or `master`: its kind in `fifobind list`.
+    role: &'static str,
     /// Where its bindings go: a private directory for a master, so that
     /// its bindings never clash with a pool's; else `dir`.
     pub(crate) session: Option<RuntimeDir>,
@@ -97,7 +99,7 @@ impl Drop for Books {
 impl Owner {
     /// Sets up a pool or master (`role`); `private` gives it a runtime
     /// directory of its own for its bindings.
-    pub(crate) fn new(role: &str, private: bool) -> Result<Owner> {
+    pub(crate) fn new(role: &'static str, private: bool) -> Result<Owner> {
         let dir = RuntimeDir::open()?;
         sweep::sweep(&dir);
         // Blocked first, so that a stop signal during the set-up waits
@@ -131,6 +133,7 @@ impl Owner {
         Ok(Owner {
             dir,
             name,
+            role,
             session,
             signals,
             children,
@@ -138,6 +141,13 @@ impl Owner {
             _guardian: guardian,
             watchdog,
         })
+    }
+
+    /// Starts publishing its status (`fifobind list`): the port it
+    /// listens on or reaches (0: none), the host or servers it reaches.
+    /// Once signals are blocked, as they are from [`Owner::new`] on.
+    pub(crate) fn publish(&self, port: u16, host: Option<&str>) {
+        crate::status::start_owner(&self.dir, &self.name, self.role, port, host);
     }
 
     pub(crate) fn registry(&self) -> &Registry {

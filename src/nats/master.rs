@@ -29,13 +29,7 @@ pub fn run(opts: NatsMasterOptions) -> Result<()> {
             .map(drop)
     })?;
     let mut owner = Owner::new("master", true)?;
-    crate::status::start_owner(
-        &owner.dir,
-        &owner.name,
-        "master",
-        0,
-        Some(&opts.bus.settings.servers()),
-    );
+    owner.publish(0, Some(&opts.bus.settings.servers()));
     let bus = &opts.bus;
     let mut started = Vec::new();
     let outcome = (|| {

@@ -37,13 +37,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 pub fn run(opts: NatsPoolOptions) -> Result<()> {
     let mut owner = Owner::new("pool", false)?;
-    crate::status::start_owner(
-        &owner.dir,
-        &owner.name,
-        "pool",
-        0,
-        Some(&opts.bus.settings.servers()),
-    );
+    owner.publish(0, Some(&opts.bus.settings.servers()));
     let outcome = runtime().and_then(|rt| rt.block_on(serve(&opts, &mut owner)));
     owner.finish(outcome)
 }
