@@ -75,6 +75,11 @@ const ACCEPT_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between looks at the FIFO's room while a line waits for
 /// enough of it (the kernel wakes a writer for one free page only).
 const ROOM_CHECK_MAX: Duration = Duration::from_millis(50);
+/// How long a write into a FIFO that woke us with little room waits for
+/// the reader to take more (see [`Inbound::room_freed`]): short enough
+/// that a fast reader still has most of the FIFO to read meanwhile (a
+/// reader at 250 MB/s takes a quarter of 1 MiB in 1 ms).
+const REFILL_DELAY: Duration = Duration::from_millis(1);
 /// Keepalive on accepted connections: a peer whose host vanished (no FIN,
 /// no reset) is found dead after about IDLE + COUNT × INTERVAL.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -213,6 +218,7 @@ pub fn run(opts: InputOptions) -> Result<()> {
             fifo_blocked: false,
             room: PipeRoom::new(capacity, page),
             room_check: None,
+            refill_at: None,
             accept_paused: None,
             accept_warned: false,
             cut_logged: false,
@@ -260,6 +266,13 @@ fn plan(room_model: &mut PipeRoom, fifo: &Fifo, chunk: &[u8], mid_line: bool) ->
         return Plan::Any(first);
     }
     Plan::Wait
+}
+
+/// Whether a full FIFO that now has `room` bytes free (of `capacity`)
+/// should wait [`REFILL_DELAY`] before it is written: while more than
+/// three quarters of it are still unread, the reader is in no hurry.
+fn refill_waits(room: usize, capacity: usize) -> bool {
+    room < capacity / 4
 }
 
 /// The longest line the binding writes whole whatever the FIFO's fill: a
@@ -477,6 +490,9 @@ struct Inbound<'a> {
     room: PipeRoom,
     /// A line waits for room in the FIFO: look again after this long.
     room_check: Option<Duration>,
+    /// The FIFO, full, woke us with little room: the next write waits
+    /// until then, so that it carries more than a page or two.
+    refill_at: Option<Instant>,
     /// Out of descriptors since then: the listener is not polled until a
     /// connection ends or [`ACCEPT_RETRY`] has passed.
     accept_paused: Option<Instant>,
@@ -575,6 +591,9 @@ impl Inbound<'_> {
             if let Some(t) = self.room_check {
                 deadline(t);
             }
+            if let Some(at) = self.refill_at {
+                deadline(at.saturating_duration_since(Instant::now()));
+            }
             if let Some(since) = self.accept_paused {
                 deadline(ACCEPT_RETRY.saturating_sub(since.elapsed()));
             }
@@ -620,8 +639,9 @@ impl Inbound<'_> {
                 }
                 _ => None,
             };
-            let fifo_slot = (self.fifo_blocked && self.room_check.is_none())
-                .then(|| set.add(self.binding.fifo.as_fd(), OUT));
+            let fifo_slot =
+                (self.fifo_blocked && self.room_check.is_none() && self.refill_at.is_none())
+                    .then(|| set.add(self.binding.fifo.as_fd(), OUT));
             let mut conn_slots = Vec::with_capacity(self.conns.len());
             for conn in &self.conns {
                 let mut events = if conn.wants_input() { IN } else { 0 };
@@ -648,6 +668,10 @@ impl Inbound<'_> {
             if let Some(slot) = fifo_slot
                 && set.revents(slot) != 0
             {
+                self.room_freed();
+            }
+            if self.refill_at.is_some_and(|at| Instant::now() >= at) {
+                self.refill_at = None;
                 self.fifo_blocked = false;
             }
             if self
@@ -708,6 +732,21 @@ impl Inbound<'_> {
             {
                 self.accept();
             }
+        }
+    }
+
+    /// The full FIFO has room again. A pipe wakes its writer for each
+    /// page its reader frees, so a reader that reads 8 KiB at a time
+    /// (`head`, `cat`) would get the FIFO refilled 8 KiB at a time, two
+    /// wakeups and three calls each; while the FIFO still holds most of
+    /// its capacity the reader has plenty, so the write waits a little
+    /// ([`REFILL_DELAY`]) and then carries what the reader took meanwhile.
+    fn room_freed(&mut self) {
+        self.room.unread(self.binding.fifo.unread());
+        if refill_waits(self.room.room(), self.binding.fifo.capacity()) {
+            self.refill_at = Some(Instant::now() + REFILL_DELAY);
+        } else {
+            self.fifo_blocked = false;
         }
     }
 

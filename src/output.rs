@@ -24,11 +24,14 @@ use crate::error::{Error, ExitStatus, Result};
 use crate::net;
 use crate::poll::{IN, OUT, PollSet, TROUBLE};
 
-/// The most one splice(2) call moves: the FIFO's whole capacity.
+/// The most one splice(2) call moves: the FIFO's whole capacity. With
+/// 1 MiB writers a splice moves about 500 KiB (4-6 calls per MiB in
+/// all); 64 KiB splices took 16 calls per MiB and 1.6 times the CPU.
 const CHUNK: usize = 1 << 20;
 /// The most of not yet sent data the connection's send buffer holds (see
 /// [`net::limit_unsent`]): 4, 16 and 32 KiB measured the same, 64 KiB
-/// gave much of the gain back; 16 KiB is a few splices of slack.
+/// gave much of the gain back; 16 KiB is a few splices of slack. With a
+/// fast reader 128 KiB (or none) measured no better in CPU per MiB.
 const UNSENT_LIMIT: u32 = 16 * 1024;
 /// How long a stopping binding may spend sending what is left: the spec
 /// asks for an exit within a second of the signal.
