@@ -80,22 +80,33 @@ impl RuntimeDir {
                 &e.into(),
             )
         })?;
-        let created = match mkdirat(&parent_fd, name, Mode::S_IRWXU) {
-            Ok(()) => true,
-            Err(Errno::EEXIST) => false,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot create runtime directory {}", path.display()),
-                    &e.into(),
-                ));
-            }
+        let open_it = || {
+            openat(
+                &parent_fd,
+                name,
+                DIR_FLAGS | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )
         };
-        let handle = match openat(
-            &parent_fd,
-            name,
-            DIR_FLAGS | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        ) {
+        // Opened first: it exists on every start but the first, and a
+        // mkdirat that fails with EEXIST would be a system call for
+        // nothing.
+        let mut created = false;
+        let mut opened = open_it();
+        if matches!(opened, Err(Errno::ENOENT)) {
+            match mkdirat(&parent_fd, name, Mode::S_IRWXU) {
+                Ok(()) => created = true,
+                Err(Errno::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot create runtime directory {}", path.display()),
+                        &e.into(),
+                    ));
+                }
+            }
+            opened = open_it();
+        }
+        let handle = match opened {
             Ok(fd) => fd,
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
                 // With O_DIRECTORY, a link in its place says ENOTDIR too.
