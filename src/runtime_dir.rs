@@ -37,6 +37,8 @@ pub(crate) struct RuntimeDir {
     path: PathBuf,
     /// The directory as checked, held so it stays the one we checked.
     _handle: Arc<OwnedFd>,
+    /// Its device (as the check's fstat gave it), for the sweep's hint.
+    dev: u64,
 }
 
 /// `$FIFOBIND_DIR`, else `$XDG_RUNTIME_DIR/fifobind`, else
@@ -139,7 +141,13 @@ impl RuntimeDir {
         Ok(RuntimeDir {
             path,
             _handle: Arc::new(handle),
+            dev: stat.st_dev,
         })
+    }
+
+    /// The device the directory is on.
+    pub(crate) fn dev(&self) -> u64 {
+        self.dev
     }
 
     pub(crate) fn path(&self) -> &Path {

@@ -28,7 +28,7 @@ pub(crate) fn sweep(dir: &RuntimeDir) {
     let Ok(entries) = fs::read_dir(dir.path()) else {
         return;
     };
-    let locked = locked_inodes(dir.path());
+    let locked = locked_inodes(dir.dev());
     let mut names = Vec::new();
     // Owners whose claim is locked this instant: alive, nothing to do.
     let mut held = Vec::new();
@@ -61,7 +61,7 @@ pub(crate) fn sweep(dir: &RuntimeDir) {
     }
 }
 
-/// The inodes of the files on `dir`'s device that someone holds a
+/// The inodes of the files on device `dev` that someone holds a
 /// flock(2) lock on right now, from /proc/locks; None if it cannot be
 /// read. Only a hint that saves the sweep an open, a flock and a close
 /// per live name (a directory of 500 bindings swept by each of 500
@@ -70,9 +70,7 @@ pub(crate) fn sweep(dir: &RuntimeDir) {
 /// their claim, as ever; an inode of another device with the same number
 /// (a file system whose locks show another device number than stat, or a
 /// collision) only means no shortcut.
-fn locked_inodes(dir: &Path) -> Option<HashSet<u64>> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = fs::metadata(dir).ok()?.dev();
+fn locked_inodes(dev: u64) -> Option<HashSet<u64>> {
     let (major, minor) = (
         nix::sys::stat::major(dev as libc::dev_t),
         nix::sys::stat::minor(dev as libc::dev_t),
@@ -145,13 +143,13 @@ mod tests {
         let path = tmp.path().join(".x.lock");
         let claim = Claim::take(&path).ok().unwrap();
         let ino = fs::metadata(&path).unwrap().ino();
-        let held = locked_inodes(tmp.path()).expect("/proc/locks is readable");
+        let dev = fs::metadata(tmp.path()).unwrap().dev();
+        let held = locked_inodes(dev).expect("/proc/locks is readable");
         // Any lock of ours at all under this device: then ours must be there.
-        let dev = fs::metadata(tmp.path()).unwrap().dev() as libc::dev_t;
         let prefix = format!(
             "{:02x}:{:02x}:",
-            nix::sys::stat::major(dev),
-            nix::sys::stat::minor(dev)
+            nix::sys::stat::major(dev as libc::dev_t),
+            nix::sys::stat::minor(dev as libc::dev_t)
         );
         let me = std::process::id().to_string();
         let ours_listed = crate::process::read_proc("/proc/locks")
@@ -162,7 +160,7 @@ mod tests {
             assert!(held.contains(&ino), "held claim {ino} not in {held:?}");
         }
         drop(claim);
-        let after = locked_inodes(tmp.path()).unwrap();
+        let after = locked_inodes(dev).unwrap();
         assert!(!after.contains(&ino), "a released claim is still locked");
     }
 }

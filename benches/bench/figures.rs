@@ -961,7 +961,7 @@ fn stop_daemon(pid: i32) -> R<f64> {
 /// Resident memory (KiB) of an idle listener and of an idle connected
 /// sender, 200 ms after each is ready: bind-input and bind-output as a
 /// user runs them, or the socat commands of the throughput figures.
-pub fn idle_rss(ctx: &Ctx, tool: Tool) -> R<(u64, u64)> {
+pub fn idle_rss(ctx: &Ctx, tool: Tool) -> R<Idle> {
     let ctx = &ctx.of(tool);
     let (l, oport) = listener();
     let mut procs_ = Vec::new();
@@ -987,6 +987,7 @@ pub fn idle_rss(ctx: &Ctx, tool: Tool) -> R<(u64, u64)> {
     let conn = accept(&l);
     std::thread::sleep(Duration::from_millis(200));
     let rss: Vec<Option<u64>> = pids.iter().map(|&p| procs::rss_kib(p)).collect();
+    let anon: Vec<Option<u64>> = pids.iter().map(|&p| anon_kib(p)).collect();
     drop(conn);
     if tool != Tool::Socat {
         for &p in &pids {
@@ -997,10 +998,32 @@ pub fn idle_rss(ctx: &Ctx, tool: Tool) -> R<(u64, u64)> {
         p.stop(libc::SIGTERM)?;
     }
     drop(held);
-    match (rss[0], rss[1]) {
-        (Some(a), Some(b)) => Ok((a, b)),
+    match (rss[0], rss[1], anon[0], anon[1]) {
+        (Some(listener), Some(sender), Some(listener_anon), Some(sender_anon)) => Ok(Idle {
+            listener,
+            sender,
+            listener_anon,
+            sender_anon,
+        }),
         _ => Err("a listener or sender was gone before its memory was read".into()),
     }
+}
+
+/// Idle memory, KiB: resident (VmRSS) and of that what is the process's
+/// own (RssAnon: heap, stacks, written data pages), which another
+/// binding does not share; the rest is file pages (the program, libc)
+/// that every binding maps from the same page cache.
+pub struct Idle {
+    pub listener: u64,
+    pub sender: u64,
+    pub listener_anon: u64,
+    pub sender_anon: u64,
+}
+
+fn anon_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `n` listeners up (bind-input one after the other, each command

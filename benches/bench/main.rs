@@ -322,10 +322,15 @@ fn run_job(ctx: &Ctx, o: &Opts, job: Job, round: &mut Round) -> R<()> {
             }
         }
         Job::Idle(t) => {
-            let (l, s) =
+            let m =
                 figures::idle_rss(ctx, t).map_err(|e| format!("idle RSS, {}: {e}", t.name()))?;
-            round.insert(format!("rss/listener/{}", t.name()), l as f64);
-            round.insert(format!("rss/sender/{}", t.name()), s as f64);
+            round.insert(format!("rss/listener/{}", t.name()), m.listener as f64);
+            round.insert(format!("rss/sender/{}", t.name()), m.sender as f64);
+            round.insert(
+                format!("anon/listener/{}", t.name()),
+                m.listener_anon as f64,
+            );
+            round.insert(format!("anon/sender/{}", t.name()), m.sender_anon as f64);
         }
         Job::Scale(t) => {
             let (up, down) = figures::scale(ctx, t, o.scale)

@@ -458,6 +458,18 @@ pub fn report(
     );
     trio(
         &mut rows,
+        "  of that its own (RssAnon), listener, KiB",
+        "anon/listener",
+        0,
+    );
+    trio(
+        &mut rows,
+        "  of that its own (RssAnon), sender, KiB",
+        "anon/sender",
+        0,
+    );
+    trio(
+        &mut rows,
         &format!("{} bindings up, s", o.scale),
         "scale/up",
         2,
