@@ -41,7 +41,9 @@ impl Ready {
             self.foreground = false;
             crate::notify::ready(&format!("ready, PID {pid}"));
         } else if let Some(mut pipe) = self.pipe.take() {
-            let _ = writeln!(pipe, "OK {pid}");
+            // One write(2), so one wake-up of the foreground: `writeln!`
+            // on a File writes each piece apart.
+            let _ = pipe.write_all(format!("OK {pid}\n").as_bytes());
         }
     }
 
@@ -51,7 +53,8 @@ impl Ready {
         match self.pipe.take() {
             Some(mut pipe) => {
                 let message = err.message.replace('\n', " ");
-                let _ = writeln!(pipe, "ERR {} {message}", err.status.code());
+                let line = format!("ERR {} {message}\n", err.status.code());
+                let _ = pipe.write_all(line.as_bytes());
                 true
             }
             None => false,

@@ -8,7 +8,7 @@
 //! signalling the owner.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,6 +22,9 @@ use crate::process::ProcessId;
 pub(crate) struct Claim {
     path: PathBuf,
     lock: Flock<File>,
+    /// Whether the file may hold a previous owner's record (it was not
+    /// empty when claimed, or has been written since).
+    written: bool,
 }
 
 /// Why a claim was not granted.
@@ -81,6 +84,7 @@ impl Claim {
                     return Ok(Claim {
                         path: path.to_path_buf(),
                         lock,
+                        written: held.len() > 0,
                     });
                 }
                 Ok(_) => continue,
@@ -92,10 +96,17 @@ impl Claim {
 
     /// Records `owner` as the holder (after a fork the holder changes).
     pub(crate) fn record(&mut self, owner: ProcessId) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let file: &mut File = &mut self.lock;
-        file.set_len(0)?;
-        file.rewind()?;
-        file.write_all(format!("{owner}\n").as_bytes())
+        // A fresh claim file is empty: no truncation (a system call, and
+        // on ext4 a truncation to 0 makes the close flush the file to
+        // disk), and a positioned write instead of a seek and a write.
+        if self.written {
+            file.set_len(0)?;
+        }
+        file.write_all_at(format!("{owner}\n").as_bytes(), 0)?;
+        self.written = true;
+        Ok(())
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -149,5 +160,19 @@ mod tests {
         first.release();
         assert!(!path.exists());
         assert!(Claim::take(&path).is_ok());
+    }
+
+    /// A claim taken over from a dead owner replaces its longer record
+    /// whole (the truncation a fresh, empty claim file goes without).
+    #[test]
+    fn a_longer_stale_record_is_replaced_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(".x.lock");
+        fs::write(&path, "2147483647 18446744073709551615\n").unwrap();
+        let mut claim = Claim::take(&path).ok().unwrap();
+        let me = ProcessId::current();
+        claim.record(me).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{me}\n"));
+        assert_eq!(owner(&path), Some(me));
     }
 }

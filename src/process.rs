@@ -30,8 +30,33 @@ struct Stat {
     session: i32,
 }
 
+/// A /proc file read in one read(2) or two: procfs reports a size of 0,
+/// so `fs::read_to_string` would stat it, ask its position and then grow
+/// its buffer from 32 bytes: nine system calls for one stat line (on
+/// every start, and for every process a sweep looks at), four here.
+pub(crate) fn read_proc(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1024];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(2 * len, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    // The command name may be any bytes; only the fields after it count.
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 fn stat_full(pid: i32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let text = read_proc(&format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses; the
     // fields after the last ')' are plain.
     let rest = &text[text.rfind(')')? + 1..];
@@ -75,7 +100,7 @@ impl ProcessId {
     /// (out of descriptors, say).
     pub(crate) fn try_current() -> std::io::Result<ProcessId> {
         let pid = std::process::id() as i32;
-        let text = std::fs::read_to_string("/proc/self/stat")?;
+        let text = read_proc("/proc/self/stat")?;
         let start = text
             .rsplit(')')
             .next()

@@ -37,6 +37,8 @@ pub(crate) struct RuntimeDir {
     path: PathBuf,
     /// The directory as checked, held so it stays the one we checked.
     _handle: Arc<OwnedFd>,
+    /// Its device (as the check's fstat gave it), for the sweep's hint.
+    dev: u64,
 }
 
 /// `$FIFOBIND_DIR`, else `$XDG_RUNTIME_DIR/fifobind`, else
@@ -80,22 +82,33 @@ impl RuntimeDir {
                 &e.into(),
             )
         })?;
-        let created = match mkdirat(&parent_fd, name, Mode::S_IRWXU) {
-            Ok(()) => true,
-            Err(Errno::EEXIST) => false,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("cannot create runtime directory {}", path.display()),
-                    &e.into(),
-                ));
-            }
+        let open_it = || {
+            openat(
+                &parent_fd,
+                name,
+                DIR_FLAGS | OFlag::O_NOFOLLOW,
+                Mode::empty(),
+            )
         };
-        let handle = match openat(
-            &parent_fd,
-            name,
-            DIR_FLAGS | OFlag::O_NOFOLLOW,
-            Mode::empty(),
-        ) {
+        // Opened first: it exists on every start but the first, and a
+        // mkdirat that fails with EEXIST would be a system call for
+        // nothing.
+        let mut created = false;
+        let mut opened = open_it();
+        if matches!(opened, Err(Errno::ENOENT)) {
+            match mkdirat(&parent_fd, name, Mode::S_IRWXU) {
+                Ok(()) => created = true,
+                Err(Errno::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot create runtime directory {}", path.display()),
+                        &e.into(),
+                    ));
+                }
+            }
+            opened = open_it();
+        }
+        let handle = match opened {
             Ok(fd) => fd,
             Err(Errno::ELOOP | Errno::ENOTDIR) => {
                 // With O_DIRECTORY, a link in its place says ENOTDIR too.
@@ -128,7 +141,13 @@ impl RuntimeDir {
         Ok(RuntimeDir {
             path,
             _handle: Arc::new(handle),
+            dev: stat.st_dev,
         })
+    }
+
+    /// The device the directory is on.
+    pub(crate) fn dev(&self) -> u64 {
+        self.dev
     }
 
     pub(crate) fn path(&self) -> &Path {

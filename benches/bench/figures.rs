@@ -78,7 +78,28 @@ pub struct Sample {
     pub reader_cpu: f64,
 }
 
+/// Whose start-up, memory and scale a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tool {
+    Fifobind,
+    /// The bindings of `--reference DIR`: another build of fifobind.
+    Reference,
+    Socat,
+}
+
+impl Tool {
+    /// Its name in the rounds' keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Fifobind => "fifobind",
+            Tool::Reference => "reference",
+            Tool::Socat => "socat",
+        }
+    }
+}
+
 /// Everything the runs share.
+#[derive(Clone)]
 pub struct Ctx {
     pub bin: PathBuf,
     pub tmp: PathBuf,
@@ -93,9 +114,26 @@ pub struct Ctx {
     pub file64: PathBuf,
     pub file4k: PathBuf,
     pub socat_block: String,
+    /// `--reference DIR`: where another build's bind-input and
+    /// bind-output are.
+    pub reference: Option<PathBuf>,
 }
 
 impl Ctx {
+    /// The context of `tool`'s runs: the reference's bindings, with a
+    /// runtime directory of their own (another build's sweep must not
+    /// judge this build's bookkeeping, nor the other way round).
+    pub fn of(&self, tool: Tool) -> Ctx {
+        let mut c = self.clone();
+        if tool == Tool::Reference
+            && let Some(bin) = &self.reference
+        {
+            c.bin = bin.clone();
+            c.dir = self.tmp.join("run-reference");
+        }
+        c
+    }
+
     pub fn exe(&self, name: &str) -> String {
         self.bin.join(name).to_string_lossy().into_owned()
     }
@@ -750,23 +788,45 @@ pub fn burst(ctx: &Ctx, socat: bool, n: usize) -> R<Burst> {
     })
 }
 
-/// Milliseconds from starting a listener to one that accepts, `starts`
-/// times: bind-input until the command returns (it returns once ready; a
-/// connect then must succeed at once); socat until a connect succeeds
-/// (probed every 0.1 ms); `true(1)` for the cost of starting anything.
-pub fn readiness(ctx: &Ctx, tool: &str, starts: usize) -> R<Vec<f64>> {
+/// One start of a listener.
+pub struct Start {
+    /// Milliseconds from starting it to one that accepts.
+    pub ms: f64,
+    /// A daemonizing binding: the CPU milliseconds of both its processes
+    /// by the time the command returned (the command's rusage, its own
+    /// reaped child included, and the daemon's run time so far).
+    pub cpu_ms: Option<f64>,
+    /// A daemonizing binding: milliseconds from SIGTERM to gone.
+    pub stop_ms: Option<f64>,
+}
+
+/// Starts of a listener, `starts` times: bind-input until the command
+/// returns (it returns once ready; a connect then must succeed at once);
+/// socat until a connect succeeds (probed every 0.1 ms); `true(1)` for
+/// the cost of starting anything.
+pub fn readiness(ctx: &Ctx, tool: &str, starts: usize) -> R<Vec<Start>> {
     let mut times = Vec::new();
     for _ in 0..starts {
-        let ms = match tool {
-            "fifobind" => with_port(|port| {
-                let t0 = Instant::now();
-                let pid = daemon_input(ctx, "ready", port)?;
-                let ms = t0.elapsed().as_secs_f64() * 1e3;
-                let ok = connect(port);
-                stop_daemon(pid)?;
-                ok?;
-                Ok(ms)
-            })?,
+        let start = match tool {
+            "fifobind" | "reference" => {
+                let ctx = ctx.of(if tool == "reference" {
+                    Tool::Reference
+                } else {
+                    Tool::Fifobind
+                });
+                with_port(|port| {
+                    let d = daemon_input(&ctx, "ready", port)?;
+                    let cpu_ms = d.cpu_ms();
+                    let ok = connect(port);
+                    let stop_ms = stop_daemon(d.pid)?;
+                    ok?;
+                    Ok(Start {
+                        ms: d.ms,
+                        cpu_ms,
+                        stop_ms: Some(stop_ms),
+                    })
+                })?
+            }
             "socat" => {
                 let fifo = ctx.socat_fifo("ready")?;
                 with_port(|port| {
@@ -792,7 +852,11 @@ pub fn readiness(ctx: &Ctx, tool: &str, starts: usize) -> R<Vec<f64>> {
                     }
                     let ms = t0.elapsed().as_secs_f64() * 1e3;
                     p.stop(libc::SIGKILL)?;
-                    Ok(ms)
+                    Ok(Start {
+                        ms,
+                        cpu_ms: None,
+                        stop_ms: None,
+                    })
                 })?
             }
             _ => {
@@ -801,62 +865,109 @@ pub fn readiness(ctx: &Ctx, tool: &str, starts: usize) -> R<Vec<f64>> {
                 c.stdout(Stdio::piped()).stdin(Stdio::null());
                 let mut p = ctx.spawn(&mut c, "true")?;
                 p.wait_ok()?;
-                t0.elapsed().as_secs_f64() * 1e3
+                Start {
+                    ms: t0.elapsed().as_secs_f64() * 1e3,
+                    cpu_ms: None,
+                    stop_ms: None,
+                }
             }
         };
-        times.push(ms);
+        times.push(start);
     }
     Ok(times)
 }
 
+/// A binding started as a user starts it, once its command returned.
+struct Daemon {
+    /// The PID it printed: the daemon's.
+    pid: i32,
+    /// Milliseconds until the command returned.
+    ms: f64,
+    /// CPU seconds of the command (with its reaped children).
+    cpu: f64,
+}
+
+impl Daemon {
+    /// CPU milliseconds of the command and of the daemon so far.
+    fn cpu_ms(&self) -> Option<f64> {
+        Some((self.cpu + task_cpu(self.pid)?) * 1e3)
+    }
+}
+
 /// `bind-input --bind 127.0.0.1 ID PORT` as a user runs it (it goes to
-/// the background and prints the PID once ready): that PID.
-fn daemon_input(ctx: &Ctx, id: &str, port: u16) -> Result<i32, Fail> {
+/// the background and prints the PID once ready).
+fn daemon_input(ctx: &Ctx, id: &str, port: u16) -> Result<Daemon, Fail> {
     let mut c = Command::new(ctx.exe("bind-input"));
     c.args(["--bind", "127.0.0.1", id, &port.to_string()]);
     daemon(ctx, c)
 }
 
-fn daemon(ctx: &Ctx, mut c: Command) -> Result<i32, Fail> {
-    ctx.ours(&mut c).stdin(Stdio::null());
-    let out = c
-        .output()
-        .map_err(|e| Fail::Broken(format!("{c:?}: {e}")))?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
+fn daemon(ctx: &Ctx, mut c: Command) -> Result<Daemon, Fail> {
+    c.stdin(Stdio::null()).stdout(Stdio::piped());
+    let t0 = Instant::now();
+    let mut p = ctx.spawn(&mut c, "binding")?;
+    let out = p.stdout().unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match read_fd(out.as_raw_fd(), &mut buf, deadline)? {
+            0 => break,
+            n => text.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (code, cpu) = p.wait(TIMEOUT)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if code != 0 {
+        let err = p.stderr_text();
         return Err(if err.contains("in use") {
-            Fail::Collision(err.into())
+            Fail::Collision(err)
         } else {
-            Fail::Broken(format!("{c:?}: {err}"))
+            Fail::Broken(format!("{c:?} exited {code}: {}", err.trim()))
         });
     }
-    String::from_utf8_lossy(&out.stdout)
+    let pid = String::from_utf8_lossy(&text)
         .trim()
         .parse()
-        .map_err(|_| Fail::Broken(format!("{c:?} printed no PID")))
+        .map_err(|_| Fail::Broken(format!("{c:?} printed no PID")))?;
+    Ok(Daemon { pid, ms, cpu })
+}
+
+/// CPU seconds a (single-threaded) process has run so far, to the
+/// nanosecond: the first field of /proc/PID/schedstat.
+fn task_cpu(pid: i32) -> Option<f64> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    Some(t.split_whitespace().next()?.parse::<f64>().ok()? / 1e9)
 }
 
 /// SIGTERM to a daemonized binding (not our child, so by the PID it just
-/// printed) and waits until it is gone.
-fn stop_daemon(pid: i32) -> R<()> {
+/// printed) and waits until it is gone: the milliseconds that took.
+fn stop_daemon(pid: i32) -> R<f64> {
+    let fd = pidfd(pid);
+    let t0 = Instant::now();
     procs::kill(pid, libc::SIGTERM);
-    if !procs::wait_gone(pid, TIMEOUT) {
+    let gone = match &fd {
+        Some(fd) => wait_pidfds(std::slice::from_ref(fd), TIMEOUT),
+        None => procs::wait_gone(pid, TIMEOUT),
+    };
+    if !gone {
         return Err(format!(
             "binding {pid} still runs {TIMEOUT:?} after SIGTERM"
         ));
     }
-    Ok(())
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Resident memory (KiB) of an idle listener and of an idle connected
 /// sender, 200 ms after each is ready: bind-input and bind-output as a
 /// user runs them, or the socat commands of the throughput figures.
-pub fn idle_rss(ctx: &Ctx, socat: bool) -> R<(u64, u64)> {
+pub fn idle_rss(ctx: &Ctx, tool: Tool) -> R<Idle> {
+    let ctx = &ctx.of(tool);
     let (l, oport) = listener();
     let mut procs_ = Vec::new();
     let mut pids = Vec::new();
     let mut held = None;
-    if socat {
+    if tool == Tool::Socat {
         let fifo = ctx.socat_fifo("idle")?;
         let to = format!("OPEN:{}", fifo.display());
         let p =
@@ -868,16 +979,17 @@ pub fn idle_rss(ctx: &Ctx, socat: bool) -> R<(u64, u64)> {
         pids.push(p.pid);
         procs_.push(p);
     } else {
-        pids.push(with_port(|port| daemon_input(ctx, "idle", port))?);
+        pids.push(with_port(|port| daemon_input(ctx, "idle", port))?.pid);
         let mut c = Command::new(ctx.exe("bind-output"));
         c.args(["idleout", "127.0.0.1", &oport.to_string()]);
-        pids.push(daemon(ctx, c).map_err(fail_text)?);
+        pids.push(daemon(ctx, c).map_err(fail_text)?.pid);
     }
     let conn = accept(&l);
     std::thread::sleep(Duration::from_millis(200));
     let rss: Vec<Option<u64>> = pids.iter().map(|&p| procs::rss_kib(p)).collect();
+    let anon: Vec<Option<u64>> = pids.iter().map(|&p| anon_kib(p)).collect();
     drop(conn);
-    if !socat {
+    if tool != Tool::Socat {
         for &p in &pids {
             stop_daemon(p)?;
         }
@@ -886,34 +998,47 @@ pub fn idle_rss(ctx: &Ctx, socat: bool) -> R<(u64, u64)> {
         p.stop(libc::SIGTERM)?;
     }
     drop(held);
-    match (rss[0], rss[1]) {
-        (Some(a), Some(b)) => Ok((a, b)),
+    match (rss[0], rss[1], anon[0], anon[1]) {
+        (Some(listener), Some(sender), Some(listener_anon), Some(sender_anon)) => Ok(Idle {
+            listener,
+            sender,
+            listener_anon,
+            sender_anon,
+        }),
         _ => Err("a listener or sender was gone before its memory was read".into()),
     }
+}
+
+/// Idle memory, KiB: resident (VmRSS) and of that what is the process's
+/// own (RssAnon: heap, stacks, written data pages), which another
+/// binding does not share; the rest is file pages (the program, libc)
+/// that every binding maps from the same page cache.
+pub struct Idle {
+    pub listener: u64,
+    pub sender: u64,
+    pub listener_anon: u64,
+    pub sender_anon: u64,
+}
+
+fn anon_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `n` listeners up (bind-input one after the other, each command
 /// returning once ready, as `pid=$(bind-input …)` in a loop; socat all
 /// launched at once, until every port listens), then SIGTERM to all and
-/// the time until every one is gone. Seconds up, seconds down; what is
+/// the time until every one is gone (pidfds: woken as each exits, no
+/// polling interval in the figure). Seconds up, seconds down; what is
 /// left behind breaks the benchmark.
-pub fn scale(ctx: &Ctx, socat: bool, n: usize) -> R<(f64, f64)> {
+pub fn scale(ctx: &Ctx, tool: Tool, n: usize) -> R<(f64, f64)> {
     // A fresh runtime directory for each run, so every run starts alike.
     let dir = ctx.tmp.join(format!("scale.{}", crate::rng() % 1_000_000));
-    let sub = Ctx {
-        dir: dir.clone(),
-        bin: ctx.bin.clone(),
-        tmp: ctx.tmp.clone(),
-        logs: ctx.logs.clone(),
-        mark: ctx.mark.clone(),
-        data64: ctx.data64.clone(),
-        data4k: ctx.data4k.clone(),
-        file64: ctx.file64.clone(),
-        file4k: ctx.file4k.clone(),
-        socat_block: ctx.socat_block.clone(),
-    };
+    let mut sub = ctx.of(tool);
+    sub.dir = dir.clone();
     let t0 = Instant::now();
-    if socat {
+    if tool == Tool::Socat {
         let mut ports: Vec<u16> = Vec::new();
         let mut ps: Vec<Proc> = Vec::new();
         let mut fifos = Vec::new();
@@ -955,19 +1080,20 @@ pub fn scale(ctx: &Ctx, socat: bool, n: usize) -> R<(f64, f64)> {
     }
     let mut pids = Vec::new();
     for i in 0..n {
-        pids.push(with_port(|port| {
-            daemon_input(&sub, &format!("s{i}"), port)
-        })?);
+        pids.push(with_port(|port| daemon_input(&sub, &format!("s{i}"), port))?.pid);
     }
     let up = t0.elapsed().as_secs_f64();
+    // Opened before the signals, so that no PID can be reused meanwhile.
+    let fds: Vec<OwnedFd> = pids
+        .iter()
+        .map(|&p| pidfd(p).ok_or_else(|| format!("binding {p} is gone before its SIGTERM")))
+        .collect::<R<_>>()?;
     let t1 = Instant::now();
     for &p in &pids {
         procs::kill(p, libc::SIGTERM);
     }
-    for &p in &pids {
-        if !procs::wait_gone(p, TIMEOUT) {
-            return Err(format!("binding {p} still runs after SIGTERM"));
-        }
+    if !wait_pidfds(&fds, TIMEOUT) {
+        return Err(format!("bindings still run {TIMEOUT:?} after SIGTERM"));
     }
     let down = t1.elapsed().as_secs_f64();
     let left: Vec<String> = std::fs::read_dir(&dir)

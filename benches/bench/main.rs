@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use figures::{Ctx, Dir, Ends, Flow, Relay};
+use figures::{Ctx, Dir, Ends, Flow, Relay, Tool};
 use plumbing::{MIB, R};
 
 const USAGE: &str = "\
 usage: cargo bench -- [--quick] [--rounds N] [--mib N] [--lines N]
                       [--starts N] [--scale N] [--scale-rounds N]
                       [--burst N] [--seed N] [--dir DIR] [--only LIST]
-                      [--verbose]
+                      [--reference DIR] [--verbose]
 
 Measures fifobind against socat (and the same endpoints with no relay) in
 N shuffled, interleaved rounds and prints medians of same-round ratios.
@@ -51,6 +51,12 @@ N shuffled, interleaved rounds and prints medians of same-round ratios.
   --verbose         print each run and its time on stderr
   --dir DIR         where the temporary directory goes (default
                     $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp)
+  --reference DIR   also measure the readiness, idle RSS and up/down of
+                    the bind-input and bind-output in DIR (another build,
+                    e.g. an older commit's target/release) in the same
+                    rounds, with a column fb/reference; the start-up,
+                    memory and scale goals are then judged against it
+                    (fb/reference <= 1) instead of the issue's figures
 
 Needs socat, nc (OpenBSD netcat, for -N), taskset, bash, head and cat.";
 
@@ -64,6 +70,7 @@ pub struct Opts {
     pub burst: usize,
     pub seed: u64,
     pub dir: Option<PathBuf>,
+    pub reference: Option<PathBuf>,
     pub only: Option<Vec<String>>,
     pub verbose: bool,
 }
@@ -83,6 +90,7 @@ fn parse_args() -> Result<Opts, String> {
         burst: 1000,
         seed,
         dir: None,
+        reference: None,
         only: None,
         verbose: false,
     };
@@ -118,6 +126,16 @@ fn parse_args() -> Result<Opts, String> {
             "--burst" => o.burst = num(&a)? as usize,
             "--seed" => o.seed = num(&a)?,
             "--dir" => o.dir = Some(args.next().ok_or("--dir needs a directory")?.into()),
+            "--reference" => {
+                let d = PathBuf::from(args.next().ok_or("--reference needs a directory")?);
+                for b in ["bind-input", "bind-output"] {
+                    if !d.join(b).is_file() {
+                        return Err(format!("--reference: no {b} in {}", d.display()));
+                    }
+                }
+                // Absolute: the bindings are started from elsewhere.
+                o.reference = Some(std::path::absolute(&d).map_err(|e| e.to_string())?);
+            }
             "--only" => {
                 let list: Vec<String> = args
                     .next()
@@ -170,8 +188,8 @@ enum Job {
     Latency { socat: bool, pinned: bool },
     Burst { socat: bool },
     Ready(&'static str),
-    Idle { socat: bool },
-    Scale { socat: bool },
+    Idle(Tool),
+    Scale(Tool),
 }
 
 pub fn flow(dir: Dir, ends: Ends, line: usize, relay: Relay) -> Flow {
@@ -242,8 +260,8 @@ impl Job {
             Job::Latency { .. } => "latency",
             Job::Burst { .. } => "burst",
             Job::Ready(_) => "ready",
-            Job::Idle { .. } => "idle",
-            Job::Scale { .. } => "scale",
+            Job::Idle(_) => "idle",
+            Job::Scale(_) => "scale",
         }
     }
 }
@@ -288,22 +306,37 @@ fn run_job(ctx: &Ctx, o: &Opts, job: Job, round: &mut Round) -> R<()> {
             round.insert(format!("burst/failed/{}", tool(socat)), b.failed as f64);
         }
         Job::Ready(t) => {
-            let mut ms =
+            let starts =
                 figures::readiness(ctx, t, o.starts).map_err(|e| format!("readiness, {t}: {e}"))?;
-            ms.sort_by(f64::total_cmp);
-            round.insert(format!("ready/{t}"), report::quantile(&ms, 0.5));
+            let med = |f: &dyn Fn(&figures::Start) -> Option<f64>| {
+                let mut v: Vec<f64> = starts.iter().filter_map(f).collect();
+                v.sort_by(f64::total_cmp);
+                (!v.is_empty()).then(|| report::quantile(&v, 0.5))
+            };
+            round.insert(format!("ready/{t}"), med(&|s| Some(s.ms)).unwrap());
+            if let Some(c) = med(&|s| s.cpu_ms) {
+                round.insert(format!("readycpu/{t}"), c);
+            }
+            if let Some(c) = med(&|s| s.stop_ms) {
+                round.insert(format!("stop/{t}"), c);
+            }
         }
-        Job::Idle { socat } => {
-            let (l, s) = figures::idle_rss(ctx, socat)
-                .map_err(|e| format!("idle RSS, {}: {e}", tool(socat)))?;
-            round.insert(format!("rss/listener/{}", tool(socat)), l as f64);
-            round.insert(format!("rss/sender/{}", tool(socat)), s as f64);
+        Job::Idle(t) => {
+            let m =
+                figures::idle_rss(ctx, t).map_err(|e| format!("idle RSS, {}: {e}", t.name()))?;
+            round.insert(format!("rss/listener/{}", t.name()), m.listener as f64);
+            round.insert(format!("rss/sender/{}", t.name()), m.sender as f64);
+            round.insert(
+                format!("anon/listener/{}", t.name()),
+                m.listener_anon as f64,
+            );
+            round.insert(format!("anon/sender/{}", t.name()), m.sender_anon as f64);
         }
-        Job::Scale { socat } => {
-            let (up, down) = figures::scale(ctx, socat, o.scale)
-                .map_err(|e| format!("{} up/down, {}: {e}", o.scale, tool(socat)))?;
-            round.insert(format!("scale/up/{}", tool(socat)), up);
-            round.insert(format!("scale/down/{}", tool(socat)), down);
+        Job::Scale(t) => {
+            let (up, down) = figures::scale(ctx, t, o.scale)
+                .map_err(|e| format!("{} up/down, {}: {e}", o.scale, t.name()))?;
+            round.insert(format!("scale/up/{}", t.name()), up);
+            round.insert(format!("scale/down/{}", t.name()), down);
         }
     }
     Ok(())
@@ -493,6 +526,7 @@ fn run(o: Opts) -> R<()> {
         file64,
         file4k,
         socat_block: "131072".into(),
+        reference: o.reference.clone(),
     };
     let header = report::header(&ctx, &o);
     eprintln!("{header}");
@@ -506,14 +540,19 @@ fn run(o: Opts) -> R<()> {
                 jobs.push(Job::Latency { socat, pinned });
             }
             jobs.push(Job::Burst { socat });
-            jobs.push(Job::Idle { socat });
+        }
+        let mut tools = vec![Tool::Fifobind, Tool::Socat];
+        if o.reference.is_some() {
+            tools.push(Tool::Reference);
+        }
+        for &t in &tools {
+            jobs.push(Job::Idle(t));
             if r < o.scale_rounds {
-                jobs.push(Job::Scale { socat });
+                jobs.push(Job::Scale(t));
             }
+            jobs.push(Job::Ready(t.name()));
         }
-        for t in ["fifobind", "socat", "true"] {
-            jobs.push(Job::Ready(t));
-        }
+        jobs.push(Job::Ready("true"));
         jobs.retain(|j| {
             o.only
                 .as_ref()

@@ -203,14 +203,61 @@ impl Drop for Proc {
 /// Blocks until process `pid` (a child) has exited, at most `limit`;
 /// whether it has. A pidfd wakes us the moment it exits.
 pub fn wait_exit(pid: i32, limit: Duration) -> bool {
-    // SAFETY: pidfd_open(2) on a PID of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    if fd < 0 {
-        return procs::wait_gone(pid, limit);
+    match pidfd(pid) {
+        Some(fd) => wait_pidfds(&[fd], limit),
+        None => procs::wait_gone(pid, limit),
     }
+}
+
+/// A pidfd of process `pid` (any process, not only a child): readable
+/// once it has exited. None if it is gone already or pidfds are missing.
+pub fn pidfd(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
     // SAFETY: fd was just returned by pidfd_open.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    poll_one(fd.as_raw_fd(), libc::POLLIN, Instant::now() + limit)
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks until every process of `fds` (pidfds) has exited, at most
+/// `limit`; whether all have. epoll, so each exit costs one wake-up and
+/// no scan of the others: for the time of 500 stops, not of our polling.
+pub fn wait_pidfds(fds: &[OwnedFd], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    // SAFETY: epoll_create1 takes no pointers.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return fds
+            .iter()
+            .all(|fd| poll_one(fd.as_raw_fd(), libc::POLLIN, deadline));
+    }
+    // SAFETY: ep was just created.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    for fd in fds {
+        let mut ev = libc::epoll_event {
+            // One report per exit: a dead process stays readable.
+            events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
+            u64: 0,
+        };
+        // SAFETY: registering a live descriptor with a local event.
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
+    }
+    let mut left = fds.len();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return false;
+        }
+        let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: epoll_wait into a live array of that length.
+        let n = unsafe {
+            libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
+        };
+        if n > 0 {
+            left -= n as usize;
+        }
+    }
+    true
 }
 
 /// Waits until `fd` is ready for `events` or `deadline` passes.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::figures::{Ctx, Dir, Ends, Relay};
+use crate::figures::{Ctx, Dir, Ends, Relay, Tool};
 use crate::{Opts, Round, flow, key};
 
 /// The `q` quantile of sorted values, interpolated linearly.
@@ -156,10 +156,35 @@ pub fn header(ctx: &Ctx, o: &Opts) -> String {
                 .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_string())
         })
         .unwrap_or(socat);
+    let reference = match &o.reference {
+        Some(d) => {
+            let commit = first_line(
+                "git",
+                &[
+                    "-C",
+                    &d.to_string_lossy(),
+                    "log",
+                    "-1",
+                    "--format=commit %h of %cs",
+                ],
+            );
+            let commit = if commit.starts_with("commit ") {
+                format!(", {commit}")
+            } else {
+                String::new()
+            };
+            format!(
+                "\nreference: {} ({}{commit})",
+                d.display(),
+                first_line(&ctx.of(Tool::Reference).exe("bind-input"), &["--version"])
+            )
+        }
+        None => String::new(),
+    };
     format!(
         "fifobind benchmark, {} UTC\nmachine: {} CPUs ({cpu}), {mem}, {}; socat {socat}; {}\n\
          runtime directory on {}; {} rounds of {} MiB per throughput run, {} round trips, {} starts, \
-         {} bindings in {} rounds, a burst of {}; seed {}",
+         {} bindings in {} rounds, a burst of {}; seed {}{reference}",
         first_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         first_line("uname", &["-sr"]),
@@ -345,7 +370,7 @@ pub fn report(
         &rows,
     ));
 
-    // The rest.
+    // Round trips and the burst.
     let mut rows = Vec::new();
     let pair = |rows: &mut Vec<Vec<String>>, name: &str, k: &str, digits: usize| {
         let (a, b) = (format!("{k}/fifobind"), format!("{k}/socat"));
@@ -373,49 +398,109 @@ pub fn report(
         3,
     );
     pair(&mut rows, "burst, relay CPU s", "burst/cpu", 3);
+    // None when the burst was not measured.
     let whole = |t: &str| {
         values(rounds, &format!("burst/whole/{t}"))
             .into_iter()
-            .fold(f64::INFINITY, f64::min)
+            .reduce(f64::min)
     };
+    let of_burst = |w: Option<f64>| w.map_or("-".into(), |w| format!("{w}/{}", o.burst));
     rows.push(vec![
         "burst, lines whole (fewest of any round)".into(),
-        format!("{}/{}", whole("fifobind"), o.burst),
-        format!("{}/{}", whole("socat"), o.burst),
+        of_burst(whole("fifobind")),
+        of_burst(whole("socat")),
         String::new(),
     ]);
-    pair(&mut rows, "readiness, ms (median start)", "ready", 2);
-    rows.push(vec![
+    out.push(String::new());
+    out.push("Round trips and burst (socat fork with backlog=1024 in the burst)".into());
+    out.push(table(&["figure", "fifobind", "socat", "fb/socat"], &rows));
+
+    // Start, stop, memory and scale, beside the reference build if given.
+    let refd = o.reference.is_some();
+    let mut rows = Vec::new();
+    let trio = |rows: &mut Vec<Vec<String>>, name: &str, k: &str, digits: usize| {
+        let (a, r, b) = (
+            format!("{k}/fifobind"),
+            format!("{k}/reference"),
+            format!("{k}/socat"),
+        );
+        let mut row = vec![name.to_string(), num(median(rounds, &a), digits)];
+        if refd {
+            row.push(num(median(rounds, &r), digits));
+        }
+        row.push(num(median(rounds, &b), digits));
+        if refd {
+            row.push(show_ratio(ratio(rounds, &a, &r)));
+        }
+        row.push(show_ratio(ratio(rounds, &a, &b)));
+        rows.push(row);
+    };
+    trio(&mut rows, "readiness, ms (median start)", "ready", 2);
+    trio(
+        &mut rows,
+        "  CPU of a start, ms (command and daemon)",
+        "readycpu",
+        2,
+    );
+    let mut row = vec![
         "  starting true(1), ms".into(),
         num(median(rounds, "ready/true"), 2),
-        String::new(),
-        String::new(),
-    ]);
-    pair(&mut rows, "idle RSS, listener, KiB", "rss/listener", 0);
-    pair(
+    ];
+    row.resize(if refd { 6 } else { 4 }, String::new());
+    rows.push(row);
+    trio(&mut rows, "stop, ms (SIGTERM to gone, median)", "stop", 2);
+    trio(&mut rows, "idle RSS, listener, KiB", "rss/listener", 0);
+    trio(
         &mut rows,
         "idle RSS, connected sender, KiB",
         "rss/sender",
         0,
     );
-    pair(
+    trio(
+        &mut rows,
+        "  of that its own (RssAnon), listener, KiB",
+        "anon/listener",
+        0,
+    );
+    trio(
+        &mut rows,
+        "  of that its own (RssAnon), sender, KiB",
+        "anon/sender",
+        0,
+    );
+    trio(
         &mut rows,
         &format!("{} bindings up, s", o.scale),
         "scale/up",
         2,
     );
-    pair(
+    trio(
         &mut rows,
         &format!("{} bindings down, all gone, s", o.scale),
         "scale/down",
         3,
     );
     out.push(String::new());
-    out.push(
-        "Round trips, burst, start, memory, scale (socat fork with backlog=1024 in the burst)"
-            .into(),
-    );
-    out.push(table(&["figure", "fifobind", "socat", "fb/socat"], &rows));
+    let head: &[&str] = if refd {
+        &[
+            "figure",
+            "fifobind",
+            "reference",
+            "socat",
+            "fb/reference",
+            "fb/socat",
+        ]
+    } else {
+        &["figure", "fifobind", "socat", "fb/socat"]
+    };
+    out.push(match &o.reference {
+        Some(d) => format!(
+            "Start, stop, memory, scale (reference: the bindings in {})",
+            d.display()
+        ),
+        None => "Start, stop, memory, scale".into(),
+    });
+    out.push(table(head, &rows));
 
     goal(
         "bash round trip, pinned, p99: fb/socat".into(),
@@ -423,39 +508,60 @@ pub fn report(
         false,
         1.0,
     );
-    let lost = spread(vec![o.burst as f64 - whole("fifobind")]);
+    let lost = whole("fifobind").and_then(|w| spread(vec![o.burst as f64 - w]));
     goal(
         format!("burst: lines lost in the worst round of {}", o.burst),
         lost,
         false,
         0.0,
     );
-    let abs = |k: &str| spread(values(rounds, k));
-    goal(
-        "idle RSS of a listener, KiB (today 1.9 MiB)".into(),
-        abs("rss/listener/fifobind"),
-        false,
-        1946.0,
-    );
-    goal(
-        "readiness, ms (today 2.1)".into(),
-        abs("ready/fifobind"),
-        false,
-        2.1,
-    );
-    if o.scale == 500 {
+    if refd {
+        // "No worse than today", today measured on this machine, in the
+        // same rounds.
+        let vs = |k: &str| ratio(rounds, &format!("{k}/fifobind"), &format!("{k}/reference"));
+        for (what, k) in [
+            ("idle RSS of a listener: fb/reference", "rss/listener"),
+            ("idle RSS of a connected sender: fb/reference", "rss/sender"),
+            ("readiness: fb/reference", "ready"),
+            (
+                &format!("{} bindings up: fb/reference", o.scale),
+                "scale/up",
+            ),
+            (
+                &format!("{} bindings down: fb/reference", o.scale),
+                "scale/down",
+            ),
+        ] {
+            goal(what.to_string(), vs(k), false, 1.0);
+        }
+    } else {
+        let abs = |k: &str| spread(values(rounds, k));
         goal(
-            "500 bindings up, s (today 1.4-1.9)".into(),
-            abs("scale/up/fifobind"),
+            "idle RSS of a listener, KiB (today 1.9 MiB)".into(),
+            abs("rss/listener/fifobind"),
             false,
-            1.9,
+            1946.0,
         );
         goal(
-            "500 bindings down, s (today 0.043-0.068)".into(),
-            abs("scale/down/fifobind"),
+            "readiness, ms (today 2.1)".into(),
+            abs("ready/fifobind"),
             false,
-            0.068,
+            2.1,
         );
+        if o.scale == 500 {
+            goal(
+                "500 bindings up, s (today 1.4-1.9)".into(),
+                abs("scale/up/fifobind"),
+                false,
+                1.9,
+            );
+            goal(
+                "500 bindings down, s (today 0.043-0.068)".into(),
+                abs("scale/down/fifobind"),
+                false,
+                0.068,
+            );
+        }
     }
     let rows: Vec<Vec<String>> = goals
         .iter()
